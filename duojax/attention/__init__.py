@@ -1,0 +1,1 @@
+"""Attention: plain-jnp references and the backend dispatch used by the model."""

@@ -1,0 +1,120 @@
+"""Plain-jnp attention: the oracle every kernel is compared with.
+
+Layouts (GQA packed by KV head so a KV head's G query heads sit together):
+  q      [B, T, Hkv, G, D]
+  k, v   [B, S, Hkv, D]
+  out    [B, T, Hkv, G, D]
+Positions are absolute token positions; keys are cached after RoPE at their
+original positions, so masks compare positions, never slot indices.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def causal_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+  """q_pos [..., T], k_pos [..., S] -> bool [..., T, S]: key j visible iff j <= t."""
+  return k_pos[..., None, :] <= q_pos[..., :, None]
+
+
+def streaming_mask(q_pos: jax.Array, k_pos: jax.Array, sink: int, recent: int) -> jax.Array:
+  """Key j visible from t iff j <= t and (j < sink or t - j < recent)."""
+  d = q_pos[..., :, None] - k_pos[..., None, :]
+  return (d >= 0) & ((k_pos[..., None, :] < sink) | (d < recent))
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     logit_bias: jax.Array | None = None) -> jax.Array:
+  """Softmax attention with an explicit mask.
+
+  q [B, T, Hkv, G, D]; k, v [B, S, Hkv, D]; mask bool broadcastable to
+  [B, Hkv, T, S]; logit_bias (optional) broadcastable to [B, Hkv, T, S], added
+  to the logits of visible keys. A query that sees no key returns zeros (padding
+  rows), never NaN. Logits and softmax in fp32; output in q's dtype.
+  """
+  scale = q.shape[-1] ** -0.5
+  s = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=jnp.float32) * scale
+  if logit_bias is not None:
+    s = s + logit_bias[:, :, None].astype(jnp.float32)
+  m4 = mask[:, :, None]  # [B, Hkv, 1, T, S]
+  s = jnp.where(m4, s, -jnp.inf)
+  mx = jnp.max(s, axis=-1, keepdims=True)
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  p = jnp.where(m4, jnp.exp(s - mx), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.maximum(denom, 1e-30)
+  out = jnp.einsum("bhgts,bshd->bthgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(q.dtype)
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                    streaming: jax.Array | None = None, sink: int = 0,
+                    recent: int = 0) -> jax.Array:
+  """Whole-sequence attention with a per-KV-head mask: the slow ground truth.
+
+  q [B, T, Hkv, G, D]; k, v [B, T, Hkv, D]; lengths [B] (keys at positions
+  >= length are padding). streaming: bool [Hkv] (None = all causal); those heads
+  get the streaming mask, the others causal.
+  """
+  b, t = q.shape[:2]
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  valid = pos < lengths[:, None]  # [B, T]
+  causal = causal_mask(pos, pos) & valid[:, None, :]  # [B, T, T]
+  if streaming is None:
+    mask = causal[:, None]
+  else:
+    stream = streaming_mask(pos, pos, sink, recent) & valid[:, None, :]
+    mask = jnp.where(streaming[None, :, None, None], stream[:, None], causal[:, None])
+  return masked_attention(q, k, v, mask)
+
+
+def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array,
+                    lengths: jax.Array, sink: int, recent: int) -> jax.Array:
+  """DuoAttention's training mix: alpha * full + (1 - alpha) * streaming.
+
+  gates [Hkv] (one alpha per KV head, shared by its G query heads). Shapes as
+  in `dense_attention`.
+  """
+  full = dense_attention(q, k, v, lengths)
+  stream = dense_attention(q, k, v, lengths, jnp.ones(q.shape[2], bool), sink, recent)
+  a = gates.astype(jnp.float32)[None, None, :, None, None]
+  return (a * full.astype(jnp.float32) + (1 - a) * stream.astype(jnp.float32)).astype(q.dtype)
+
+
+# -- chunked (cache-aware) attention: prefill chunks and decode (T = 1) -------
+
+def full_chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                         q_pos: jax.Array, kv_len: jax.Array) -> jax.Array:
+  """Retrieval heads: a chunk of queries over the whole (already written) cache.
+
+  q [B, T, H, G, D]; k_cache, v_cache [B, S, H, D] with slot j holding position j;
+  q_pos [B, T] absolute positions; kv_len [B] valid cache length after the chunk.
+  """
+  s = k_cache.shape[1]
+  k_pos = jnp.arange(s)[None, :]
+  mask = causal_mask(q_pos, k_pos) & (k_pos < kv_len[:, None])[:, None, :]
+  return masked_attention(q, k_cache, v_cache, mask[:, None])
+
+
+def streaming_chunk_attention(q: jax.Array, slot_k: jax.Array, slot_v: jax.Array,
+                              slot_pos: jax.Array, slot_valid: jax.Array, k: jax.Array,
+                              v: jax.Array, q_pos: jax.Array, n_valid: jax.Array,
+                              sink: int, recent: int) -> jax.Array:
+  """Streaming heads: a chunk over sink + ring slots (as they were before the
+  chunk) plus the chunk's own keys, with the exact streaming mask.
+
+  q [B, T, H, G, D]; slot_k, slot_v [B, W, H, D] (W = sink + recent);
+  slot_pos, slot_valid [B, W]; k, v [B, T, H, D] the chunk's keys; q_pos [B, T];
+  n_valid [B] how many chunk tokens are real.
+  Cost is O(T * (W + T)), independent of the sequence length.
+  """
+  t = q.shape[1]
+  chunk_valid = jnp.arange(t)[None, :] < n_valid[:, None]  # [B, T]
+  keys = jnp.concatenate([slot_k, k], axis=1)
+  vals = jnp.concatenate([slot_v, v], axis=1)
+  k_pos = jnp.concatenate([slot_pos, q_pos], axis=1)
+  k_valid = jnp.concatenate([slot_valid, chunk_valid], axis=1)
+  mask = streaming_mask(q_pos, k_pos, sink, recent) & k_valid[:, None, :]  # [B, T, W+T]
+  return masked_attention(q, keys, vals, mask[:, None])
