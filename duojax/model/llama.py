@@ -163,3 +163,28 @@ def apply_head_mask(params: Params, mask) -> Params:
 
 def undo_head_mask(params: Params, mask) -> Params:
   return reorder_heads(params, [mask.inverse_order(l) for l in range(len(params["layers"]))])
+
+
+def forward_sequence(params: Params, config: ModelConfig, tokens: jax.Array, lengths: jax.Array,
+                     attention, remat: bool = False) -> jax.Array:
+  """Whole sequences at once, no cache: the dense reference and gate training's path.
+
+  tokens [B, T], lengths [B]; attention(layer, q, k, v, lengths) -> out
+  [B, T, Hkv, G, D] (q [B, T, Hkv, G, D], k/v [B, T, Hkv, D]). remat
+  recomputes each layer in the backward pass so long contexts fit.
+  Returns hidden [B, T, E] after the final RMSNorm.
+  """
+  t = tokens.shape[1]
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
+  x = embed(params, tokens)
+
+  def layer(x, lp, i):
+    h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
+    q, k, v = qkv(lp, h, config, pos)
+    x = x + jnp.einsum("bthgd,hgde->bte", attention(i, q, k, v, lengths), lp["wo"])
+    return x + mlp(lp, x, config)
+
+  for i, lp in enumerate(params["layers"]):
+    f = jax.checkpoint(layer, static_argnums=(2,)) if remat else layer
+    x = f(x, lp, i)
+  return rms_norm(x, params["final_norm"], config.rms_norm_eps)

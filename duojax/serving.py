@@ -1,0 +1,112 @@
+"""Load a checkpoint ready to serve: params reordered for a head mask, tokenizer.
+
+attention kinds:
+  full       every head keeps the whole KV cache
+  duo        retrieval heads (from a pattern) full, the rest sink + recent
+  streaming  every head sink + recent (the StreamingLLM-style baseline)
+  random     duo with a seeded random pattern at the same sparsity (a baseline)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from duojax.checkpoint import store
+from duojax.checkpoint.embedded import resolve_checkpoint
+from duojax.config import ModelConfig
+from duojax.model import llama
+from duojax.pattern import HeadMask, HeadPattern, PatternError, load_any, random_pattern
+
+ATTENTION_KINDS = ("full", "duo", "streaming", "random")
+DEPLOY_SINK, DEPLOY_RECENT = 64, 256
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  config: ModelConfig
+  params: dict  # KV heads reordered by `mask` (retrieval heads first)
+  tokenizer: object
+  mask: HeadMask | None  # None = full attention
+  pattern: HeadPattern | None
+  attention: str
+  ckpt: Path
+
+  def encode_prompt(self, text: str, chat: bool = False) -> list[int]:
+    tok = self.tokenizer
+    if chat:
+      if not getattr(tok, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template; drop --chat")
+      ids = tok.apply_chat_template([{"role": "user", "content": text}],
+                                    add_generation_prompt=True, tokenize=True)
+      ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+      return [int(i) for i in ids]
+    return [int(i) for i in tok(text).input_ids]
+
+
+def default_sparsity(config: ModelConfig) -> float:
+  """DuoAttention's usual choice: 0.5 for GQA models, 0.75 for MHA."""
+  return 0.5 if config.group_size > 1 else 0.75
+
+
+def make_mask(config: ModelConfig, attention: str, pattern: HeadPattern | None,
+              sparsity: float | None = None, threshold: float | None = None,
+              sink: int | None = None, recent: int | None = None,
+              seed: int = 0) -> HeadMask | None:
+  """The static head mask for an attention kind (None for full attention)."""
+  if attention not in ATTENTION_KINDS:
+    raise ValueError(f"--attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
+  if sparsity is not None and threshold is not None:
+    raise PatternError("give --sparsity or --threshold, not both")
+  sink = DEPLOY_SINK if sink is None else sink
+  recent = DEPLOY_RECENT if recent is None else recent
+  if attention == "full":
+    return None
+  if attention == "streaming":
+    return HeadMask.all_streaming(config.num_layers, config.num_kv_heads, sink, recent)
+  if attention == "random":
+    pattern = random_pattern(config.num_layers, config.num_kv_heads, seed, sink, recent)
+    return pattern.binarize(sparsity=default_sparsity(config) if sparsity is None else sparsity)
+  if pattern is None:
+    raise PatternError("--attention duo needs a head pattern: pass --pattern DIR (ours or a "
+                       "reference DuoAttention folder) or a checkpoint with a default pattern")
+  if pattern.shape != (config.num_layers, config.num_kv_heads):
+    raise PatternError(
+        f"the pattern is {pattern.shape[0]} layers x {pattern.shape[1]} KV heads but the model has "
+        f"{config.num_layers} x {config.num_kv_heads}; use a pattern made for this model")
+  pattern = pattern.with_settings(sink=sink, recent=recent)
+  if threshold is not None:
+    return pattern.binarize(threshold=threshold)
+  if sparsity is None and "selection" in pattern.metadata:
+    return pattern.mask()
+  return pattern.binarize(sparsity=default_sparsity(config) if sparsity is None else sparsity)
+
+
+def load_model(ckpt: str | None = None, attention: str | None = None, pattern: str | None = None,
+               sparsity: float | None = None, threshold: float | None = None,
+               sink: int | None = None, recent: int | None = None, dtype=None,
+               seed: int = 0, progress: bool = True) -> LoadedModel:
+  """ckpt: a checkpoint folder or an embedded name (default `smollm2-135m`).
+
+  attention None picks `duo` when a pattern is given or the checkpoint has a
+  default one, else `full`.
+  """
+  folder = resolve_checkpoint(ckpt, progress=progress)
+  config = store.load_config(folder)
+  pat = None
+  pdir = Path(pattern) if pattern else store.default_pattern_dir(folder)
+  if pdir is not None and (pattern or attention in (None, "duo")):
+    pat = load_any(pdir)
+  if attention is None:
+    attention = "duo" if pat is not None else "full"
+  mask = make_mask(config, attention, pat, sparsity, threshold, sink, recent, seed)
+  params = store.load_params(folder, dtype=dtype)
+  if mask is not None:
+    params = llama.apply_head_mask(params, mask)
+  return LoadedModel(config, params, store.load_tokenizer(folder), mask, pat, attention, folder)
+
+
+def parse_dtype(name: str | None):
+  return {None: None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
