@@ -75,12 +75,28 @@ def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array,
   """DuoAttention's training mix: alpha * full + (1 - alpha) * streaming.
 
   gates [Hkv] (one alpha per KV head, shared by its G query heads). Shapes as
-  in `dense_attention`.
+  in `dense_attention`. The logits are computed once and softmaxed under both
+  masks, since the streaming mask is a subset of the causal one.
   """
-  full = dense_attention(q, k, v, lengths)
-  stream = dense_attention(q, k, v, lengths, jnp.ones(q.shape[2], bool), sink, recent)
-  a = gates.astype(jnp.float32)[None, None, :, None, None]
-  return (a * full.astype(jnp.float32) + (1 - a) * stream.astype(jnp.float32)).astype(q.dtype)
+  b, t = q.shape[:2]
+  pos = jnp.arange(t)
+  valid = pos[None, :] < lengths[:, None]  # [B, T]
+  causal = causal_mask(pos, pos)[None] & valid[:, None, :]  # [B, T, T]
+  stream = streaming_mask(pos, pos, sink, recent)[None] & valid[:, None, :]
+  scale = q.shape[-1] ** -0.5
+  s = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=jnp.float32) * scale
+  s = jnp.where(causal[:, None, None], s, -jnp.inf)
+  mx = jnp.max(s, axis=-1, keepdims=True)  # the causal max bounds the streaming one too
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  e = jnp.exp(s - mx)
+  e = jnp.where(causal[:, None, None], e, 0.0)
+  e_s = jnp.where(stream[:, None, None], e, 0.0)
+  p_full = e / jnp.maximum(e.sum(-1, keepdims=True), 1e-30)
+  p_stream = e_s / jnp.maximum(e_s.sum(-1, keepdims=True), 1e-30)
+  a = jnp.clip(gates.astype(jnp.float32), 0, 1)[None, :, None, None, None]
+  p = a * p_full + (1 - a) * p_stream
+  out = jnp.einsum("bhgts,bshd->bthgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(q.dtype)
 
 
 # -- chunked (cache-aware) attention: prefill chunks and decode (T = 1) -------

@@ -32,6 +32,18 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _check_quant_types(gguf, types, path: Path) -> None:
+  """Fails before any work if a tensor type cannot be dequantised here."""
+  for qt in sorted(types, key=lambda q: q.value):
+    block, nbytes = gguf.GGML_QUANT_SIZES[qt]
+    try:
+      gguf.quants.dequantize(np.zeros((1, nbytes), np.uint8), qt)
+    except NotImplementedError:
+      raise CheckpointError(
+          f"{path.name} uses quantisation {qt.name}, which the gguf package cannot dequantise; "
+          "upgrade it (pip install -U gguf) or use an F16/BF16/Q8_0/Q4_K file") from None
+
+
 def read_gguf(path: str | Path, dtype=np.float32, progress=None):
   """A llama-architecture GGUF -> (config, params, fields)."""
   import gguf
@@ -47,6 +59,7 @@ def read_gguf(path: str | Path, dtype=np.float32, progress=None):
   tensors = {t.name: t for t in reader.tensors}
   fields["_tied"] = "output.weight" not in tensors
   config = ModelConfig.from_gguf_fields(fields, name=fields.get("general.name"))
+  _check_quant_types(gguf, {t.tensor_type for t in reader.tensors}, path)
 
   def get(name: str) -> np.ndarray:
     if name not in tensors:
