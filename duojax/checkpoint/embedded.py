@@ -52,10 +52,16 @@ def resolve_checkpoint(ckpt: str | None, progress: bool = True) -> Path:
   out = duojax_home() / ckpt
   from duojax.checkpoint import store
   try:
-    store.read_marker(out)
-    return out
+    meta = store.read_marker(out)
   except CheckpointError:
-    pass
+    meta = None
+  if meta is not None:
+    shipped = shipped_pattern_dir(ckpt)
+    if not meta.get("default_pattern") and shipped is not None:  # a cache from before it shipped
+      import shutil
+      shutil.copytree(shipped, store.pattern_dir(out, shipped.name), dirs_exist_ok=True)
+      store.set_default_pattern(out, shipped.name)
+    return out
   gguf_path = embedded_gguf(ckpt)
   if out.exists():  # a half-written conversion from an interrupted run
     store.remove_checkpoint(out)

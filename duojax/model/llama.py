@@ -165,14 +165,21 @@ def undo_head_mask(params: Params, mask) -> Params:
   return reorder_heads(params, [mask.inverse_order(l) for l in range(len(params["layers"]))])
 
 
+def stack_layers(params: Params) -> Params:
+  """Per-layer dicts -> one dict of [L, ...] arrays (for `lax.scan` over layers)."""
+  return {**params, "layers": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *params["layers"])}
+
+
 def forward_sequence(params: Params, config: ModelConfig, tokens: jax.Array, lengths: jax.Array,
                      attention, remat: bool = False) -> jax.Array:
   """Whole sequences at once, no cache: the dense reference and gate training's path.
 
   tokens [B, T], lengths [B]; attention(layer, q, k, v, lengths) -> out
-  [B, T, Hkv, G, D] (q [B, T, Hkv, G, D], k/v [B, T, Hkv, D]). remat
-  recomputes each layer in the backward pass so long contexts fit.
-  Returns hidden [B, T, E] after the final RMSNorm.
+  [B, T, Hkv, G, D] (q [B, T, Hkv, G, D], k/v [B, T, Hkv, D]). With stacked
+  layers (`stack_layers`) the layers run under `lax.scan` and `layer` is a traced
+  index; remat then recomputes each layer in the backward pass, so memory holds
+  one layer's activations, not all of them. Returns hidden [B, T, E] after the
+  final RMSNorm.
   """
   t = tokens.shape[1]
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
@@ -184,7 +191,11 @@ def forward_sequence(params: Params, config: ModelConfig, tokens: jax.Array, len
     x = x + jnp.einsum("bthgd,hgde->bte", attention(i, q, k, v, lengths), lp["wo"])
     return x + mlp(lp, x, config)
 
-  for i, lp in enumerate(params["layers"]):
-    f = jax.checkpoint(layer, static_argnums=(2,)) if remat else layer
-    x = f(x, lp, i)
+  if isinstance(params["layers"], dict):
+    body = jax.checkpoint(layer) if remat else layer
+    x, _ = jax.lax.scan(lambda x, li: (body(x, *li), None), x,
+                        (params["layers"], jnp.arange(config.num_layers)))
+  else:
+    for i, lp in enumerate(params["layers"]):
+      x = layer(x, lp, i)
   return rms_norm(x, params["final_norm"], config.rms_norm_eps)

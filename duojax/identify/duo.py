@@ -1,0 +1,345 @@
+"""DuoAttention gate training: one gate per (layer, KV head), all weights frozen.
+
+The teacher is the model with full attention; the student mixes, per KV head,
+alpha * full + (1 - alpha) * streaming attention before o_proj, so errors
+compound through the layers. Loss = MSE of the final hidden states (after the
+last RMSNorm) over the question/answer tail + reg * mean(|alpha|).
+
+Data parallel over a `data` mesh axis: the batch is split over it and every
+frozen weight is sharded FSDP-style over it too (gates replicated), so the same
+code runs on 1 device, N CPU devices, several GPUs or a TPU slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from duojax.attention import dispatch
+from duojax.attention.reference import dense_attention, gated_attention
+from duojax.config import ModelConfig, round_up
+from duojax.model import llama
+
+
+class TrainError(ValueError):
+  """Bad training settings or state; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GateTrainConfig:
+  steps: int = 2000
+  batch_size: int = 1
+  min_len: int = 1000
+  max_len: int = 32000
+  len_intervals: int = 50
+  num_passkeys: int = 10
+  passkey_words: int = 32
+  sink: int = 128
+  recent: int = 256
+  lr: float = 0.02
+  reg: float = 0.05
+  init_gate: float = 1.0
+  warmup_frac: float = 0.2
+  decay_frac: float = 0.2
+  min_lr_frac: float = 0.1
+  seed: int = 42
+  save_every: int = 50
+  pad_multiple: int = 1024  # sequences are padded to a multiple: fewer compiles
+  remat: bool = True
+  dtype: str = "bfloat16"  # activations / frozen weights; gates are fp32
+
+  def __post_init__(self):
+    if self.steps < 1:
+      raise TrainError(f"--steps must be >= 1, got {self.steps}")
+    if self.min_len > self.max_len:
+      raise TrainError(f"--min-len ({self.min_len}) is greater than --max-len ({self.max_len})")
+    if self.sink < 0 or self.recent < 0 or self.sink + self.recent < 1:
+      raise TrainError(f"need sink >= 0, recent >= 0 and sink + recent >= 1; got "
+                       f"{self.sink}/{self.recent}")
+    if self.batch_size < 1 or self.save_every < 1:
+      raise TrainError("--batch-size and --save-every must be >= 1")
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "GateTrainConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise TrainError(f"unknown settings {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
+
+
+def lr_schedule(cfg: GateTrainConfig) -> Callable:
+  """Linear warm-up, plateau, linear decay; never below min_lr_frac * lr."""
+  warm = max(1, int(round(cfg.warmup_frac * cfg.steps)))
+  decay = max(1, int(round(cfg.decay_frac * cfg.steps)))
+
+  def f(step):
+    step = jnp.asarray(step, jnp.float32)
+    up = (step + 1) / warm
+    down = (cfg.steps - step) / decay
+    return cfg.lr * jnp.maximum(cfg.min_lr_frac, jnp.minimum(1.0, jnp.minimum(up, down)))
+  return f
+
+
+def make_optimizer(cfg: GateTrainConfig) -> optax.GradientTransformation:
+  return optax.adamw(lr_schedule(cfg), b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+
+
+# -- the two-way forward and the loss ---------------------------------------------
+
+def distill_loss(gates: jax.Array, params, config: ModelConfig, tokens: jax.Array,
+                 lengths: jax.Array, loss_mask: jax.Array, sink: int, recent: int, reg: float,
+                 remat: bool = True, backend: str = "xla"):
+  """gates [L, Hkv] fp32; tokens [B, T]; lengths [B]; loss_mask [B, T] bool.
+
+  Returns (loss, {"distill", "reg"}).
+  """
+  ops = dispatch._load(backend)
+
+  def full(i, q, k, v, lens):
+    f = ops.get("dense_causal")
+    return f(q, k, v, lens) if f else dense_attention(q, k, v, lens)
+
+  def gated(i, q, k, v, lens):
+    g = jnp.clip(gates[i], 0.0, 1.0)
+    fc, fs = ops.get("dense_causal"), ops.get("dense_streaming")
+    if fc and fs:  # kernel backends: two masked passes, mixed here
+      a = g.astype(jnp.float32)[None, None, :, None, None]
+      mix = a * fc(q, k, v, lens).astype(jnp.float32) + (1 - a) * fs(
+          q, k, v, lens, sink, recent).astype(jnp.float32)
+      return mix.astype(q.dtype)
+    return gated_attention(q, k, v, g, lens, sink, recent)
+
+  teacher = jax.lax.stop_gradient(
+      llama.forward_sequence(params, config, tokens, lengths, full, remat=False))
+  student = llama.forward_sequence(params, config, tokens, lengths, gated, remat=remat)
+  sq = jnp.mean(jnp.square(student.astype(jnp.float32) - teacher.astype(jnp.float32)), axis=-1)
+  m = loss_mask.astype(jnp.float32)
+  d = jnp.sum(sq * m) / jnp.maximum(jnp.sum(m), 1.0)
+  r = jnp.mean(jnp.abs(gates))
+  return d + reg * r, {"distill": d, "reg": r}
+
+
+@dataclasses.dataclass
+class TrainState:
+  gates: jax.Array  # [L, Hkv] fp32
+  opt_state: object
+  step: int
+
+
+def _state_tree(s: TrainState) -> dict:
+  return {"gates": s.gates, "opt_state": s.opt_state, "step": jnp.asarray(s.step, jnp.int32)}
+
+
+def init_state(config: ModelConfig, cfg: GateTrainConfig, opt) -> TrainState:
+  gates = jnp.full((config.num_layers, config.num_kv_heads), cfg.init_gate, jnp.float32)
+  return TrainState(gates, opt.init(gates), 0)
+
+
+# -- sharding ----------------------------------------------------------------------
+
+def make_mesh(data: int | None = None) -> Mesh:
+  devices = jax.devices()
+  data = data or len(devices)
+  if data < 1 or len(devices) % data:
+    raise TrainError(f"--mesh data={data} does not divide the {len(devices)} available devices; "
+                     f"use a divisor of {len(devices)}")
+  return Mesh(np.asarray(devices[:data]).reshape(data), ("data",))
+
+
+def fsdp_spec(shape, n: int, first: int = 0) -> P:
+  """Shard the largest axis (from `first` on) divisible by the data-axis size."""
+  if n == 1:
+    return P()
+  best = None
+  for ax, d in enumerate(shape):
+    if ax >= first and d % n == 0 and (best is None or d > shape[best]):
+      best = ax
+  if best is None:
+    return P()
+  spec = [None] * len(shape)
+  spec[best] = "data"
+  return P(*spec)
+
+
+def shard_params(params, mesh: Mesh):
+  n = mesh.shape["data"]
+  put = lambda first: lambda x: jax.device_put(x, NamedSharding(mesh, fsdp_spec(x.shape, n, first)))
+  # stacked layers are scanned over axis 0: never shard that one
+  layers = jax.tree_util.tree_map(put(1 if isinstance(params["layers"], dict) else 0),
+                                  params["layers"])
+  rest = {k: jax.tree_util.tree_map(put(0), v) for k, v in params.items() if k != "layers"}
+  return {**rest, "layers": layers}
+
+
+# -- data ---------------------------------------------------------------------------
+
+def make_batch(hay, tokenizer, data_cfg, cfg: GateTrainConfig, step: int):
+  """The samples of `step` (pure in (seed, step)), right-padded to a bucket.
+
+  Returns tokens [B, T] int32, lengths [B] int32, loss_mask [B, T] bool.
+  """
+  from duojax.data.passkey import make_sample
+  samples = [make_sample(hay, tokenizer, data_cfg, step * cfg.batch_size + i)
+             for i in range(cfg.batch_size)]
+  t = round_up(max(len(s.input_ids) for s in samples), cfg.pad_multiple)
+  tokens = np.zeros((cfg.batch_size, t), np.int32)
+  mask = np.zeros((cfg.batch_size, t), bool)
+  for i, s in enumerate(samples):
+    tokens[i, :len(s.input_ids)] = s.input_ids
+    mask[i, :len(s.input_ids)] = s.loss_mask
+  lengths = np.array([len(s.input_ids) for s in samples], np.int32)
+  return tokens, lengths, mask
+
+
+# -- checkpoints ----------------------------------------------------------------------
+
+def _manager(directory: Path, cfg: GateTrainConfig):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(
+      directory.absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=1))
+
+
+def restore_state(directory: Path, template: TrainState, mesh: Mesh) -> TrainState:
+  import orbax.checkpoint as ocp
+  mgr = _manager(directory, None)
+  step = mgr.latest_step()
+  if step is None:
+    raise TrainError(f"--resume: no checkpoint in {directory}; drop --resume to start fresh")
+  repl = NamedSharding(mesh, P())
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=repl),
+      _state_tree(template))
+  try:
+    tree = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:
+    raise TrainError(f"--resume: the checkpoint at step {step} in {directory} cannot be read "
+                     f"({type(e).__name__}); delete {directory / str(step)} to fall back to an "
+                     "earlier one, or drop --resume to start fresh") from e
+  finally:
+    mgr.close()
+  return TrainState(tree["gates"], tree["opt_state"], int(tree["step"]))
+
+
+# -- the loop ----------------------------------------------------------------------------
+
+def train_gates(params, config: ModelConfig, tokenizer, hay, cfg: GateTrainConfig,
+                out: Path, mesh: Mesh | None = None, resume: bool = False,
+                backend: str = "xla", stop_after: int | None = None,
+                progress: bool = True, log: Callable[[dict], None] | None = None):
+  """Trains gates; checkpoints into out/checkpoints, logs into out/log.jsonl.
+
+  params: frozen weights (any dtype; cast to cfg.dtype). stop_after: return
+  after that many steps in total (tests use it to simulate a kill).
+  Returns the final TrainState.
+  """
+  from duojax.data.passkey import MultiPasskeyConfig
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  mesh = mesh or make_mesh(1)
+  n_data = mesh.shape["data"]
+  if cfg.batch_size % n_data:
+    raise TrainError(f"--batch-size {cfg.batch_size} is not divisible by the data axis ({n_data})")
+  if len(hay) < cfg.max_len:
+    raise TrainError(f"the haystack has {len(hay)} tokens, fewer than --max-len {cfg.max_len}; "
+                     "give a longer haystack or lower --max-len")
+  if cfg.max_len > config.max_position_embeddings:
+    raise TrainError(f"--max-len {cfg.max_len} exceeds the model's context "
+                     f"{config.max_position_embeddings}")
+  data_cfg = MultiPasskeyConfig(
+      num_passkeys=cfg.num_passkeys, passkey_words=cfg.passkey_words, min_len=cfg.min_len,
+      max_len=cfg.max_len, len_intervals=cfg.len_intervals, seed=cfg.seed)
+  dtype = jnp.dtype(cfg.dtype)
+  params = llama.stack_layers(jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params))
+  params = shard_params(params, mesh)
+  opt = make_optimizer(cfg)
+  state = init_state(config, cfg, opt)
+  ckpt_dir = out / "checkpoints"
+  if resume:
+    state = restore_state(ckpt_dir, state, mesh)
+  elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+    raise TrainError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue or use a "
+                     "new --out")
+  repl = NamedSharding(mesh, P())
+  batch_sh = NamedSharding(mesh, P("data"))
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step_fn(gates, opt_state, params, tokens, lengths, loss_mask):
+    (loss, aux), g = jax.value_and_grad(distill_loss, has_aux=True)(
+        gates, params, config, tokens, lengths, loss_mask, cfg.sink, cfg.recent, cfg.reg,
+        cfg.remat, backend)
+    updates, opt_state = opt.update(g, opt_state, gates)
+    gates = jnp.clip(optax.apply_updates(gates, updates), 0.0, 1.0)
+    return gates, opt_state, {"loss": loss, **aux}
+
+  gates = jax.device_put(state.gates, repl)
+  opt_state = jax.device_put(state.opt_state, repl)
+  mgr = _manager(ckpt_dir, cfg)
+  log_f = open(out / "log.jsonl", "a")
+  end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="gates", file=sys.stderr)
+  t0 = time.perf_counter()
+  step = state.step
+  try:
+    while step < end:
+      tokens, lengths, loss_mask = make_batch(hay, tokenizer, data_cfg, cfg, step)
+      tokens, lengths, loss_mask = (jax.device_put(x, batch_sh) for x in (tokens, lengths, loss_mask))
+      gates, opt_state, m = step_fn(gates, opt_state, params, tokens, lengths, loss_mask)
+      step += 1
+      rec = {"step": step, **{k: float(v) for k, v in m.items()},
+             "lr": float(lr_schedule(cfg)(step - 1)), "tokens": int(tokens.shape[1]),
+             "seconds": round(time.perf_counter() - t0, 3)}
+      log_f.write(json.dumps(rec) + "\n")
+      log_f.flush()
+      if log:
+        log(rec)
+      if bar:
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", distill=f"{rec['distill']:.4f}",
+                        reg=f"{rec['reg']:.3f}")
+        bar.update(1)
+      if step % cfg.save_every == 0 or step == cfg.steps:
+        import orbax.checkpoint as ocp
+        mgr.save(step, args=ocp.args.StandardSave(
+            _state_tree(TrainState(gates, opt_state, step))))
+  finally:
+    mgr.wait_until_finished()
+    mgr.close()
+    log_f.close()
+    if bar:
+      bar.close()
+  return TrainState(gates, opt_state, step)
+
+
+def plot_gates(gates: np.ndarray, path: Path, title: str = "DuoAttention gates") -> None:
+  """A layers x KV heads heatmap of the gate values."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  g = np.asarray(gates)
+  fig, ax = plt.subplots(figsize=(max(3.6, 1.6 + 0.45 * g.shape[1]), 1.2 + 0.16 * g.shape[0]))
+  im = ax.imshow(g, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+  ax.set_xlabel("KV head")
+  ax.set_ylabel("layer")
+  ax.set_xticks(range(g.shape[1]))
+  ax.set_title("\n".join(textwrap.wrap(title, 28)), fontsize=8)
+  fig.colorbar(im, ax=ax, fraction=0.08, label="gate (1 = retrieval)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
