@@ -47,7 +47,7 @@ class StreamLayerCache:
 @dataclasses.dataclass
 class DuoLayerCache:
   full: FullLayerCache  # leading n_retrieval KV heads
-  stream: StreamLayerCache  # the remaining KV heads
+  stream: StreamLayerCache  # the remaining KV heads (or a compensation.CompLayerCache)
 
   @property
   def n_retrieval(self) -> int:
@@ -89,23 +89,32 @@ def _layer_shapes(config, mask, batch, capacity):
 
 
 def init_cache(config: ModelConfig, batch: int, capacity: int, mask=None,
-               dtype=jnp.bfloat16) -> KVCache:
-  """An empty cache. mask: a HeadMask (None = every head full attention)."""
+               dtype=jnp.bfloat16, compensation: bool = False) -> KVCache:
+  """An empty cache. mask: a HeadMask (None = every head full attention).
+
+  compensation: streaming parts also keep RazorAttention's compensation token
+  (a `duojax.compensation.CompLayerCache`).
+  """
   layers = []
   for kind, full, stream in _layer_shapes(config, mask, batch, capacity):
     fc = FullLayerCache(jnp.zeros(full, dtype), jnp.zeros(full, dtype))
     if kind == "full":
       layers.append(fc)
       continue
-    sc = StreamLayerCache(jnp.zeros(stream, dtype), jnp.zeros(stream, dtype), mask.sink,
-                          mask.recent)
+    if compensation:
+      from duojax.compensation import init_comp_cache  # it imports this module
+      sc = init_comp_cache(stream, dtype, mask.sink, mask.recent)
+    else:
+      sc = StreamLayerCache(jnp.zeros(stream, dtype), jnp.zeros(stream, dtype), mask.sink,
+                            mask.recent)
     layers.append(sc if kind == "stream" else DuoLayerCache(fc, sc))
   return KVCache(tuple(layers), jnp.zeros((batch,), jnp.int32))
 
 
 def kv_cache_bytes(config: ModelConfig, mask, length: int, batch: int = 1,
-                   dtype=jnp.bfloat16) -> int:
-  """Bytes of the cache `init_cache(config, batch, length, mask, dtype)` allocates."""
+                   dtype=jnp.bfloat16, compensation: bool = False) -> int:
+  """Bytes of the cache `init_cache(config, batch, length, mask, dtype, compensation)`
+  allocates."""
   item = np.dtype(dtype).itemsize
   total = batch * 4  # lengths
   for kind, full, stream in _layer_shapes(config, mask, batch, length):
@@ -113,6 +122,9 @@ def kv_cache_bytes(config: ModelConfig, mask, length: int, batch: int = 1,
       total += 2 * item * int(np.prod(full))
     if kind != "full":
       total += 2 * item * int(np.prod(stream))
+      if compensation:
+        from duojax.compensation import comp_nbytes
+        total += comp_nbytes(stream)
   return total
 
 

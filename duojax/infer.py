@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
   sel.add_argument("--threshold", type=float, help="retrieval iff gate >= threshold")
   ap.add_argument("--sink", type=int, default=None, help="sink tokens of streaming heads (64)")
   ap.add_argument("--recent", type=int, default=None, help="recent window of streaming heads (256)")
+  ap.add_argument("--compensation", action="store_true",
+                  help="streaming heads keep one extra key/value: the mean of the tokens that "
+                       "left their window (RazorAttention's compensation token; xla backend)")
   ap.add_argument("--prefill-chunk", type=int, default=4096)
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                   help="compute dtype (default: as stored)")
@@ -55,7 +58,8 @@ def run(a) -> dict:
                          prefill_chunk=a.prefill_chunk)
   sampling = SamplingSettings(a.temperature, a.top_p)
   m = load_model(a.ckpt, a.attention, a.pattern, a.sparsity, a.threshold, settings.sink,
-                 settings.recent, parse_dtype(a.dtype), a.seed, progress=not a.json)
+                 settings.recent, parse_dtype(a.dtype), a.seed, progress=not a.json,
+                 compensation=a.compensation)
   if a.prompt_file:
     try:
       texts = [open(a.prompt_file, encoding="utf-8").read()]
@@ -65,7 +69,7 @@ def run(a) -> dict:
     texts = a.prompt
   prompts = [m.encode_prompt(t, a.chat) for t in texts]
   r = generate(m.params, m.config, prompts, a.max_new_tokens, m.mask, settings.prefill_chunk,
-               sampling, a.seed, resolve_backend(a.backend))
+               sampling, a.seed, resolve_backend(a.backend), compensation=m.compensation)
   eos = set(m.config.eos_token_ids)
   outs = [m.tokenizer.decode([t for t in row if t not in eos], skip_special_tokens=True)
           for row in r.tokens]
@@ -79,6 +83,7 @@ def run(a) -> dict:
       "compile_seconds": round(r.compile_seconds, 2),
       "kv_cache_bytes": r.kv_cache_bytes,
       "attention": m.attention,
+      "compensation": m.compensation,
       "retrieval_head_fraction": 1.0 if m.mask is None else round(m.mask.retrieval_fraction, 4),
       "sink": None if m.mask is None else m.mask.sink,
       "recent": None if m.mask is None else m.mask.recent,

@@ -33,6 +33,7 @@ class LoadedModel:
   pattern: HeadPattern | None
   attention: str
   ckpt: Path
+  compensation: bool = False  # streaming heads keep RazorAttention's compensation token
 
   def encode_prompt(self, text: str, chat: bool = False) -> list[int]:
     tok = self.tokenizer
@@ -87,11 +88,12 @@ def make_mask(config: ModelConfig, attention: str, pattern: HeadPattern | None,
 def load_model(ckpt: str | None = None, attention: str | None = None, pattern: str | None = None,
                sparsity: float | None = None, threshold: float | None = None,
                sink: int | None = None, recent: int | None = None, dtype=None,
-               seed: int = 0, progress: bool = True) -> LoadedModel:
+               seed: int = 0, progress: bool = True, compensation: bool = False) -> LoadedModel:
   """ckpt: a checkpoint folder or an embedded name (default `smollm2-135m`).
 
   attention None picks `duo` when a pattern is given or the checkpoint has a
-  default one, else `full`.
+  default one, else `full`. compensation: serve streaming heads with
+  RazorAttention's compensation token (pass `m.compensation` on to `generate`).
   """
   folder = resolve_checkpoint(ckpt, progress=progress)
   config = store.load_config(folder)
@@ -102,10 +104,14 @@ def load_model(ckpt: str | None = None, attention: str | None = None, pattern: s
   if attention is None:
     attention = "duo" if pat is not None else "full"
   mask = make_mask(config, attention, pat, sparsity, threshold, sink, recent, seed)
+  if compensation and mask is None:
+    raise ValueError("--compensation applies to streaming heads; use it with --attention duo, "
+                     "streaming or random")
   params = store.load_params(folder, dtype=dtype)
   if mask is not None:
     params = llama.apply_head_mask(params, mask)
-  return LoadedModel(config, params, store.load_tokenizer(folder), mask, pat, attention, folder)
+  return LoadedModel(config, params, store.load_tokenizer(folder), mask, pat, attention, folder,
+                     compensation)
 
 
 def parse_dtype(name: str | None):

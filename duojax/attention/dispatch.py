@@ -20,12 +20,16 @@ import jax
 import jax.numpy as jnp
 
 from duojax import cache as kvc
+from duojax import compensation
 from duojax.attention import reference
 
 _BACKENDS: dict[str, dict[str, Callable]] = {
     "xla": {
         "full_chunk": reference.full_chunk_attention,
         "streaming_chunk": reference.streaming_chunk_attention,
+        "dense_causal": lambda q, k, v, lengths: reference.dense_attention(q, k, v, lengths),
+        "dense_streaming": lambda q, k, v, lengths, sink, recent: reference.dense_attention(
+            q, k, v, lengths, jnp.ones((q.shape[2],), bool), sink, recent),
     }
 }
 # Backends whose module registers them on import; `auto` tries them in order.
@@ -91,6 +95,8 @@ def _attend_full(c: kvc.FullLayerCache, q, k, v, start, n_valid, backend):
 
 
 def _attend_stream(c: kvc.StreamLayerCache, q, k, v, start, n_valid, backend):
+  if isinstance(c, compensation.CompLayerCache):  # no kernel has it yet: the reference
+    return compensation.attend(c, q, k, v, start, n_valid)
   t = q.shape[1]
   q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   slot_pos, slot_valid = kvc.stream_slot_positions(start, c.sink, c.recent)
@@ -106,7 +112,7 @@ def attend(layer_cache: kvc.LayerCache, q: jax.Array, k: jax.Array, v: jax.Array
   Returns (out [B, T, Hkv, G, D], updated layer cache)."""
   if isinstance(layer_cache, kvc.FullLayerCache):
     return _attend_full(layer_cache, q, k, v, start, n_valid, backend)
-  if isinstance(layer_cache, kvc.StreamLayerCache):
+  if isinstance(layer_cache, (kvc.StreamLayerCache, compensation.CompLayerCache)):
     return _attend_stream(layer_cache, q, k, v, start, n_valid, backend)
   n_r = layer_cache.n_retrieval
   (qr, qs), (kr, ks), (vr, vs) = (kvc.split_heads(x, n_r, 2) for x in (q, k, v))

@@ -1,0 +1,150 @@
+"""Glue shared by the CLI and infer/eval_table.py: load once, build, run, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from duojax.config import ModelConfig
+from duojax.data.haystack import HaystackTokens, load_haystack
+from duojax.data.niah import NeedleTask
+from duojax.eval import grid, niah, passkey
+from duojax.eval.generation import GenSettings
+from duojax.eval.methods import BuiltMethod
+from duojax.pattern import HeadPattern
+
+# Beside a developer's checkout (DESIGN.md section 4).
+DEFAULT_HAYSTACK = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "paul_graham_essays"
+
+
+@dataclasses.dataclass
+class EvalModel:
+  config: ModelConfig
+  params: dict  # stored head order; each method reorders its own copy
+  tokenizer: object
+  ckpt: Path
+  name: str | None  # the --ckpt argument (embedded name or folder)
+  pattern: HeadPattern | None
+  pattern_source: str | None
+  dtype: str
+
+
+def resolve_dtype(name: str | None) -> str:
+  """'auto': bfloat16 on accelerators (as DuoAttention evaluates), float32 on CPU."""
+  if name in (None, "auto"):
+    return "bfloat16" if jax.default_backend() in ("gpu", "cuda", "tpu") else "float32"
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {name!r}")
+  return name
+
+
+def load_eval_model(ckpt: str | None, pattern: str | None = None, dtype: str | None = "auto",
+                    progress: bool = True) -> EvalModel:
+  from duojax.eval.methods import resolve_pattern
+  from duojax.serving import load_model
+  dt = resolve_dtype(dtype)
+  m = load_model(ckpt, "full", dtype=getattr(jnp, dt), progress=progress)
+  pat, src = resolve_pattern(m.ckpt, ckpt, pattern)
+  return EvalModel(m.config, m.params, m.tokenizer, m.ckpt, ckpt, pat, src, dt)
+
+
+def default_haystack() -> str | None:
+  env = os.environ.get("DUOJAX_HAYSTACK")
+  if env:
+    return env
+  return str(DEFAULT_HAYSTACK) if DEFAULT_HAYSTACK.is_dir() else None
+
+
+def load_haystack_tokens(path: str | None, tokenizer) -> tuple[HaystackTokens, str]:
+  path = path or default_haystack()
+  if not path:
+    raise ValueError("no haystack found: pass --haystack DIR|FILE (e.g. the Paul Graham essays "
+                     "folder) or set DUOJAX_HAYSTACK")
+  # Paragraph boundaries only: the essays are hard-wrapped mid-sentence.
+  return HaystackTokens(load_haystack(path), tokenizer, line_breaks=False), str(path)
+
+
+def device_info() -> dict:
+  d = jax.devices()[0]
+  return {"platform": d.platform, "device_kind": getattr(d, "device_kind", ""),
+          "jax": jax.__version__}
+
+
+def run_retrieval(task: str, model: EvalModel, hay: HaystackTokens, methods: list[BuiltMethod],
+                  lengths: list[int], depths: list[float], chat: bool, gen_kw: dict,
+                  samples: int = 1, seed: int = 0, offset: int = 0,
+                  needle: NeedleTask | None = None, variant: str = "numeric",
+                  num_keys: int = 4, key_words: int = 4, progress: bool = True,
+                  extra_settings: dict | None = None) -> dict:
+  """A niah or passkey grid under every method -> the results document (JSON-ready)."""
+  fmt = grid.prompt_format(model.tokenizer, chat)
+  if lengths[0] <= fmt.overhead() + 16:
+    raise ValueError(f"--lengths {lengths[0]} is too short: the prompt format alone takes "
+                     f"{fmt.overhead()} tokens")
+  if task == "niah":
+    needle = needle or NeedleTask()
+    cells = niah.build_cells(hay, model.tokenizer, needle, lengths, depths, fmt, samples, seed,
+                             offset)
+    metric = "rouge1_recall"
+  elif task == "passkey":
+    cells = passkey.build_cells(hay, model.tokenizer, lengths, depths, fmt, variant, samples,
+                                seed, offset, num_keys, key_words)
+    metric = "contains" if variant == "numeric" else "rouge1_recall"
+  else:
+    raise ValueError(f"unknown task {task!r}")
+  # No batch wider than one length's cells: filler rows would cost as much as real ones.
+  per_length = max(sum(c.length == l for c in cells) for l in lengths)
+  gen_kw = {**gen_kw, "batch_size": min(gen_kw.get("batch_size", 10), per_length)}
+  gen = GenSettings.for_lengths(max(lengths), model.config, **gen_kw)
+  t0 = time.perf_counter()
+  rows, seconds = grid.run_grid(model.params, model.config, model.tokenizer, cells, methods, gen,
+                                progress=progress)
+  settings = {
+      "task": task, "ckpt": model.name or str(model.ckpt), "model": model.config.name,
+      "chat": chat, "lengths": lengths, "depths": [round(d, 4) for d in depths],
+      "samples": samples, "seed": seed, "offset": offset, "dtype": model.dtype,
+      "max_new_tokens": gen.max_new_tokens, "prefill_chunk": gen.prefill_chunk,
+      "batch_size": gen.batch_size, "backend": gen.backend, "pattern": model.pattern_source,
+      "pattern_metadata": model.pattern.metadata if model.pattern is not None else None,
+      "device": device_info(), **(extra_settings or {}),
+  }
+  if task == "niah":
+    settings.update(needle=needle.needle, question=needle.question, answer=needle.answer)
+  else:
+    settings.update(variant=variant, num_keys=num_keys, key_words=key_words)
+  return {
+      "task": task, "settings": settings, "methods": [bm.describe() for bm in methods],
+      "plot_metric": metric,
+      "summary": {m: grid.summarize(rows, m) for m in ("contains", "rouge1_recall")},
+      "seconds": {"total": round(time.perf_counter() - t0, 2), "per_method": seconds},
+      "cells": rows,
+  }
+
+
+def write_json(doc: dict, path: str | Path) -> Path:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(doc, indent=1, default=_jsonable))
+  tmp.replace(path)
+  return path
+
+
+def _jsonable(o):
+  try:
+    import numpy as np
+    if isinstance(o, np.generic):
+      return o.item()
+    if isinstance(o, np.ndarray):
+      return o.tolist()
+  except ImportError:
+    pass
+  if isinstance(o, Path):
+    return str(o)
+  raise TypeError(f"{type(o).__name__} is not JSON serialisable")

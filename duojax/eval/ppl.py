@@ -1,0 +1,110 @@
+"""Long-context perplexity over haystack windows, chunk by chunk.
+
+Each window of `length` tokens runs through the chunked prefill of the method's
+cache (the same path serving uses, so streaming heads see exactly sink +
+recent); per chunk only the next-token log-likelihoods are kept, never the
+[T, V] logits. Perplexity is reported over the whole window and per position
+band, since streaming heads can only hurt tokens past sink + recent.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from duojax import cache as kvc
+from duojax.config import ModelConfig, round_up
+from duojax.data.haystack import HaystackTokens
+from duojax.eval.grid import check_haystack
+from duojax.eval.methods import BuiltMethod
+from duojax.model import llama
+
+
+def window_offsets(hay: HaystackTokens, length: int, samples: int) -> list[int]:
+  """`samples` non-overlapping windows, taken from the end of the haystack
+  (its last documents), each starting at a sentence start."""
+  if samples < 1:
+    raise ValueError(f"--samples must be >= 1, got {samples}")
+  check_haystack(hay, length * samples)
+  out, end = [], len(hay)
+  for _ in range(samples):
+    starts = hay.starts[hay.starts <= end - length]
+    if not len(starts):
+      raise ValueError(f"the haystack ({len(hay)} tokens) holds no {samples} separate windows of "
+                       f"{length} tokens; pass a longer --haystack or fewer --samples")
+    start = int(starts[-1])
+    out.append(start)
+    end = start
+  return sorted(out)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "backend"), donate_argnames=("cache",))
+def _nll_step(params, config, tokens, targets, cache, n_valid, backend):
+  """tokens, targets [B, C] -> (nll [B, C] fp32 of targets, cache)."""
+  hidden, cache = llama.forward_chunk(params, config, tokens, cache, n_valid, backend)
+  logp = jax.nn.log_softmax(llama.logits_from_hidden(params, hidden), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return nll, cache
+
+
+def token_nll(params, config: ModelConfig, windows: np.ndarray, mask, chunk: int,
+              backend: str = "xla", dtype=None) -> np.ndarray:
+  """windows int32 [B, T] -> nll [B, T - 1]: -log p(x[t+1] | x[:t+1]).
+
+  params must be reordered for `mask`.
+  """
+  b, t = windows.shape
+  chunk = min(chunk, round_up(t, 16))
+  padded = round_up(t, chunk)
+  tokens = np.zeros((b, padded), np.int32)
+  tokens[:, :t] = windows
+  targets = np.zeros_like(tokens)
+  targets[:, :t - 1] = windows[:, 1:]
+  cache = kvc.init_cache(config, b, padded, mask, dtype or params["embed"].dtype)
+  out = []
+  for c0 in range(0, padded, chunk):
+    n_valid = jnp.full((b,), max(0, min(chunk, t - c0)), jnp.int32)
+    nll, cache = _nll_step(params, config, jnp.asarray(tokens[:, c0:c0 + chunk]),
+                           jnp.asarray(targets[:, c0:c0 + chunk]), cache, n_valid, backend)
+    out.append(np.asarray(nll))
+  return np.concatenate(out, axis=1)[:, :t - 1]
+
+
+def bands(length: int, edges: list[int]) -> list[tuple[int, int]]:
+  """Position bands [a, b) of predicted tokens: 0..e1, e1..e2, ..., ..length-1."""
+  cuts = sorted({0, *[e for e in edges if 0 < e < length - 1], length - 1})
+  return list(zip(cuts[:-1], cuts[1:]))
+
+
+def evaluate(params, config: ModelConfig, hay: HaystackTokens, methods: list[BuiltMethod],
+             length: int, samples: int = 2, band_edges: list[int] | None = None,
+             chunk: int = 1024, backend: str = "xla", dtype=None, progress: bool = True) -> dict:
+  """Perplexity of each method on the same windows -> JSON-ready dict."""
+  from tqdm.auto import tqdm
+  if length < 2:
+    raise ValueError(f"perplexity needs windows of >= 2 tokens, got {length}")
+  if length > config.max_position_embeddings:
+    raise ValueError(f"--lengths {length} exceeds the model's context of "
+                     f"{config.max_position_embeddings}")
+  offs = window_offsets(hay, length, samples)
+  windows = np.stack([hay.take(length, o) for o in offs])
+  spans = bands(length, band_edges or [])
+  rows, seconds = {}, {}
+  for bm in tqdm(methods, desc="ppl", unit="method", disable=not progress):
+    t0 = time.perf_counter()
+    p = params if bm.mask is None else llama.apply_head_mask(params, bm.mask)
+    nll = token_nll(p, config, windows, bm.mask, chunk, backend, dtype).astype(np.float64)
+    del p
+    seconds[bm.method.name] = round(time.perf_counter() - t0, 2)
+    rows[bm.method.name] = {
+        "ppl": math.exp(nll.mean()),
+        "bands": [{"from": a, "to": b, "ppl": math.exp(nll[:, a:b].mean())} for a, b in spans],
+        "per_window": [math.exp(x) for x in nll.mean(axis=1)],
+    }
+  return {"task": "ppl", "length": length, "windows": offs, "results": rows, "seconds": seconds,
+          "methods": [bm.describe() for bm in methods]}

@@ -1,0 +1,55 @@
+"""GPU attention kernels (Triton, called from JAX through jax-triton).
+
+Importing this module registers the attention backend "gpu" with
+`duojax.attention.dispatch`:
+  full_chunk        retrieval heads, prefill chunk: causal flash attention over the
+                    cache (prefill.py)
+  streaming_chunk   streaming heads, prefill chunk: exact sink + window mask, visiting
+                    only the key blocks inside it (prefill.py)
+  full_decode       retrieval heads, one token: split-K flash-decoding, GQA packed,
+                    reads each row only up to its length (decode.py)
+  streaming_decode  streaming heads, one token: sink + ring + the new token (decode.py)
+Gate training's whole-sequence ops (`dense_causal`, `dense_streaming`) need
+gradients, which jax-triton calls do not have: they stay on the XLA reference.
+
+It raises ImportError when jax-triton / triton are missing and RuntimeError when
+JAX has no GPU, so `dispatch.resolve_backend("auto")` falls back to "xla". With
+TRITON_INTERPRET=1 (Triton's CPU interpreter) it imports without registering, so
+the kernels can be checked on torch CPU tensors through `launch.Launch.torch`.
+"""
+
+from __future__ import annotations
+
+import os
+
+try:
+  import triton  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the machine
+  raise ImportError("the gpu attention backend needs triton (pip install 'duojax[gpu]')") from e
+
+from duojax.kernels.gpu import decode, prefill  # noqa: E402
+from duojax.kernels.gpu.decode import full_decode, streaming_decode  # noqa: E402
+from duojax.kernels.gpu.prefill import full_chunk, streaming_chunk  # noqa: E402
+
+__all__ = ["full_chunk", "streaming_chunk", "full_decode", "streaming_decode", "OPS"]
+
+OPS = {"full_chunk": full_chunk, "streaming_chunk": streaming_chunk,
+       "full_decode": full_decode, "streaming_decode": streaming_decode}
+
+
+def _register() -> None:
+  import jax
+  try:
+    import jax_triton  # noqa: F401
+  except ImportError as e:
+    raise ImportError(
+        "the gpu attention backend needs jax-triton (pip install 'duojax[gpu]')") from e
+  if jax.default_backend() != "gpu":
+    raise RuntimeError(f"the gpu attention backend needs a GPU; JAX runs on "
+                       f"{jax.default_backend()!r}")
+  from duojax.attention import dispatch
+  dispatch.register_backend("gpu", OPS)
+
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+  _register()

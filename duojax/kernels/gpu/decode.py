@@ -1,0 +1,287 @@
+"""Decode attention (one query token per row) as Triton kernels.
+
+full_decode  the retrieval heads over their whole cache: flash-decoding. The
+             sequence is split into NS parts; program (split, h, b) streams its
+             part of row b's keys/values of KV head h once and serves all G query
+             heads of that KV head with it (GQA packed: a [GP, D] x [D, BLOCK_N]
+             product per key block, GP = G padded to the 16 rows a tensor-core
+             product needs). Each split covers ceil(len / BLOCK_N / NS) blocks of
+             the row's *actual* length (read at run time from kv_len / q_pos), so
+             nothing past a row's length is read and the work is balanced for any
+             length; NS is chosen from the batch and head count so the grid fills
+             the GPU about once. A second small kernel merges the NS partial
+             results (max / sum / unnormalised output, fp32).
+streaming_decode  the streaming heads over sink + ring slots and the new token:
+             W = sink + recent keys, one program per (h, b).
+
+Plain-jnp references: `duojax.attention.reference.full_chunk_attention` and
+`streaming_chunk_attention` (same signatures, T == 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+
+from duojax.kernels.gpu.launch import Launch, cdiv, next_pow2, strides
+
+# Tuning: the best of 36 (block_n, warps, stages, programs) variants at 128K tokens, 4 KV
+# heads, G = 4 on an H100 (infer/bench_kernels.py --variants; the top five were within 2%).
+# 264 programs = two per SM of the H100's 132.
+DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs": 264,
+                 "max_splits": 128}
+STREAM_DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+
+LOG2E = 1.4426950408889634
+_FAR = 1 << 30  # position given to an empty streaming slot: never visible
+
+
+@triton.jit
+def _full_decode_kernel(Q, K, V, QPOS, KVLEN, OP, MP, LP,
+                        SQB: tl.constexpr, SQH: tl.constexpr, SQG: tl.constexpr,
+                        SKB: tl.constexpr, SKS: tl.constexpr, SKH: tl.constexpr,
+                        SVB: tl.constexpr, SVS: tl.constexpr, SVH: tl.constexpr,
+                        H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                        BD: tl.constexpr, NS: tl.constexpr, BLOCK_N: tl.constexpr,
+                        QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+  split = tl.program_id(0)
+  h = tl.program_id(1)
+  b = tl.program_id(2)
+  qpos = tl.load(QPOS + b)
+  kvl = tl.load(KVLEN + b)
+  limit = tl.maximum(tl.minimum(kvl, qpos + 1), 0)  # keys [0, limit) are visible
+  nblk = tl.cdiv(limit, BLOCK_N)
+  per = tl.cdiv(nblk, NS)
+  lo = split * per * BLOCK_N
+  hi = tl.minimum(lo + per * BLOCK_N, limit)
+
+  offs_g = tl.arange(0, GP)
+  offs_d = tl.arange(0, BD)
+  offs_n = tl.arange(0, BLOCK_N)
+  dmask = offs_d < D
+  q = tl.load(Q + b.to(tl.int64) * SQB + h * SQH + offs_g[:, None] * SQG + offs_d[None, :],
+              mask=(offs_g[:, None] < G) & dmask[None, :], other=0.0)
+  kbase = K + b.to(tl.int64) * SKB + h * SKH
+  vbase = V + b.to(tl.int64) * SVB + h * SVH
+
+  m_i = tl.full([GP], float("-inf"), tl.float32)
+  l_i = tl.zeros([GP], tl.float32)
+  acc = tl.zeros([GP, BD], tl.float32)
+  kp = kbase + lo.to(tl.int64) * SKS
+  vp = vbase + lo.to(tl.int64) * SVS
+  for start in range(lo, hi, BLOCK_N):
+    n = start + offs_n
+    nmask = n < hi
+    k = tl.load(kp + offs_n[:, None] * SKS + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
+                other=0.0)
+    v = tl.load(vp + offs_n[:, None] * SVS + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
+                other=0.0)
+    if IEEE:
+      s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+      s = tl.dot(q, tl.trans(k))
+    s = tl.where(nmask[None, :], s * QK_SCALE, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds a visible key
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+      acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+      acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    m_i = m_new
+    kp += BLOCK_N * SKS
+    vp += BLOCK_N * SVS
+
+  # partials: OP [B, H, NS, G, D] fp32 (unnormalised), MP / LP [B, H, NS, G]
+  row = ((b * H + h) * NS + split) * G
+  gmask = offs_g < G
+  tl.store(MP + row + offs_g, m_i, mask=gmask)
+  tl.store(LP + row + offs_g, l_i, mask=gmask)
+  tl.store(OP + (row + offs_g[:, None]).to(tl.int64) * D + offs_d[None, :], acc,
+           mask=gmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _combine_kernel(OP, MP, LP, OUT,
+                    SOB: tl.constexpr, SOH: tl.constexpr, SOG: tl.constexpr,
+                    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                    NS: tl.constexpr, NSP: tl.constexpr):
+  """Program (g, h, b) merges the NS partials of one query head, all loads at once."""
+  g = tl.program_id(0)
+  h = tl.program_id(1)
+  b = tl.program_id(2)
+  offs_s = tl.arange(0, NSP)
+  offs_d = tl.arange(0, BD)
+  smask = offs_s < NS
+  dmask = offs_d < D
+  rows = ((b * H + h) * NS + offs_s) * G + g
+  m = tl.load(MP + rows, mask=smask, other=float("-inf"))
+  l = tl.load(LP + rows, mask=smask, other=0.0)
+  o = tl.load(OP + rows[:, None].to(tl.int64) * D + offs_d[None, :],
+              mask=smask[:, None] & dmask[None, :], other=0.0)
+  m_max = tl.max(m, 0)
+  m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # a row that saw no key at all
+  w = tl.exp2(m - m_max)  # 0 for empty splits
+  num = tl.sum(w[:, None] * o, 0)
+  den = tl.sum(w * l, 0)
+  out = num / tl.maximum(den, 1e-30)
+  tl.store(OUT + b.to(tl.int64) * SOB + h * SOH + g * SOG + offs_d,
+           out.to(OUT.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _stream_decode_kernel(Q, SK, SV, SPOS, KN, VN, QPOS, NVALID, OUT,
+                          SQB: tl.constexpr, SQH: tl.constexpr, SQG: tl.constexpr,
+                          SSB: tl.constexpr, SSW: tl.constexpr, SSH: tl.constexpr,
+                          SNB: tl.constexpr, SNH: tl.constexpr,
+                          W: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                          BD: tl.constexpr, BLOCK_N: tl.constexpr, SINK: tl.constexpr,
+                          RECENT: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+  h = tl.program_id(0)
+  b = tl.program_id(1)
+  qpos = tl.load(QPOS + b)
+  offs_g = tl.arange(0, GP)
+  offs_d = tl.arange(0, BD)
+  offs_n = tl.arange(0, BLOCK_N)
+  dmask = offs_d < D
+  gmask = offs_g < G
+  q = tl.load(Q + b.to(tl.int64) * SQB + h * SQH + offs_g[:, None] * SQG + offs_d[None, :],
+              mask=gmask[:, None] & dmask[None, :], other=0.0)
+  kbase = SK + b.to(tl.int64) * SSB + h * SSH
+  vbase = SV + b.to(tl.int64) * SSB + h * SSH
+
+  m_i = tl.full([GP], float("-inf"), tl.float32)
+  l_i = tl.zeros([GP], tl.float32)
+  acc = tl.zeros([GP, BD], tl.float32)
+  for start in range(0, W, BLOCK_N):
+    n = start + offs_n
+    inb = n < W
+    kpos = tl.load(SPOS + b * W + n, mask=inb, other=1 << 30)
+    dist = qpos - kpos
+    vis = inb & (dist >= 0) & ((kpos < SINK) | (dist < RECENT))
+    k = tl.load(kbase + n[:, None] * SSW + offs_d[None, :], mask=vis[:, None] & dmask[None, :],
+                other=0.0)
+    v = tl.load(vbase + n[:, None] * SSW + offs_d[None, :], mask=vis[:, None] & dmask[None, :],
+                other=0.0)
+    if IEEE:
+      s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+      s = tl.dot(q, tl.trans(k))
+    s = tl.where(vis[None, :], s * QK_SCALE, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+      acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+      acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    m_i = m_new
+
+  # the new token (position qpos, distance 0): visible when the row is real and
+  # the window admits distance 0 (recent >= 1) or it is a sink position.
+  nval = tl.load(NVALID + b)
+  new_vis = (nval > 0) & ((RECENT > 0) | (qpos < SINK))
+  kn = tl.load(KN + b.to(tl.int64) * SNB + h * SNH + offs_d, mask=dmask, other=0.0)
+  vn = tl.load(VN + b.to(tl.int64) * SNB + h * SNH + offs_d, mask=dmask, other=0.0)
+  s_n = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * QK_SCALE
+  s_n = tl.where(new_vis, s_n, float("-inf"))
+  m_new = tl.maximum(m_i, s_n)
+  m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+  alpha = tl.exp2(m_i - m_safe)
+  p_n = tl.exp2(s_n - m_safe)
+  l_i = l_i * alpha + p_n
+  acc = acc * alpha[:, None] + p_n[:, None] * vn.to(tl.float32)[None, :]
+  out = acc / tl.maximum(l_i, 1e-30)[:, None]
+  tl.store(OUT + b.to(tl.int64) * SQB + h * SQH + offs_g[:, None] * SQG + offs_d[None, :],
+           out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+
+
+# -- launch plans (static shapes only) ------------------------------------------------
+
+def _dt(x) -> str:
+  import numpy as np
+  return np.dtype(x).name
+
+
+def n_splits(b: int, h: int, s: int, cfg=None) -> int:
+  cfg = cfg or DECODE_CONFIG
+  ns = cdiv(cfg["programs"], b * h)
+  return max(1, min(ns, cfg["max_splits"], cdiv(s, cfg["block_n"])))
+
+
+def full_decode_plans(q_shape, k_shape, dtype, cfg=None):
+  """q [B, 1, H, G, D]; k, v [B, S, H, D] -> (split launch, combine launch)."""
+  cfg = cfg or DECODE_CONFIG
+  b, t, h, g, d = q_shape
+  s = k_shape[1]
+  assert t == 1
+  ns = n_splits(b, h, s, cfg)
+  gp, bd = max(16, next_pow2(g)), max(16, next_pow2(d))
+  sq, sk = strides(q_shape), strides(k_shape)
+  ieee = _dt(dtype) == "float32"
+  split = Launch(
+      _full_decode_kernel, (ns, h, b),
+      (((b, h, ns, g, d), "float32"), ((b, h, ns, g), "float32"), ((b, h, ns, g), "float32")),
+      dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], SVB=sk[0],
+           SVS=sk[1], SVH=sk[2], H=h, G=g, GP=gp, D=d, BD=bd, NS=ns, BLOCK_N=cfg["block_n"],
+           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=ieee),
+      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+  combine = Launch(
+      _combine_kernel, (g, h, b), ((tuple(q_shape), _dt(dtype)),),
+      dict(SOB=sq[0], SOH=sq[2], SOG=sq[3], H=h, G=g, D=d, BD=max(16, next_pow2(d)),
+           NS=ns, NSP=max(2, next_pow2(ns))),
+      num_warps=8 if ns * d > 8192 else 4, num_stages=1)
+  return split, combine
+
+
+def stream_decode_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None):
+  """q [B, 1, H, G, D]; slot k/v [B, W, H, D]; new k/v [B, 1, H, D]."""
+  cfg = cfg or STREAM_DECODE_CONFIG
+  b, t, h, g, d = q_shape
+  w = slot_shape[1]
+  sq, ss = strides(q_shape), strides(slot_shape)
+  sn = strides((b, 1, h, d))
+  return Launch(
+      _stream_decode_kernel, (h, b), ((tuple(q_shape), _dt(dtype)),),
+      dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SSB=ss[0], SSW=ss[1], SSH=ss[2], SNB=sn[0],
+           SNH=sn[2], W=w, G=g, GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)),
+           BLOCK_N=cfg["block_n"], SINK=int(sink), RECENT=int(recent),
+           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=_dt(dtype) == "float32"),
+      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+# -- the ops (dispatch signatures) ----------------------------------------------------
+
+def full_decode(q, k_cache, v_cache, q_pos, kv_len):
+  """Retrieval heads, one token per row. q [B, 1, H, G, D]; k/v_cache [B, S, H, D];
+  q_pos [B, 1]; kv_len [B]. Reads keys [0, min(kv_len, q_pos + 1)) of each row."""
+  import jax.numpy as jnp
+  dt = k_cache.dtype  # computed in the cache's dtype (a cast of q is cheap, of the cache not)
+  split, combine = full_decode_plans(q.shape, k_cache.shape, dt)
+  op, mp, lp = split.jax(q.astype(dt), k_cache, v_cache.astype(dt), q_pos.astype(jnp.int32),
+                         kv_len.astype(jnp.int32))
+  (out,) = combine.jax(op, mp, lp)
+  return out.astype(q.dtype)
+
+
+def slot_positions(slot_pos, slot_valid):
+  """One int32 array: a slot's position, or a far-future one when it is empty."""
+  import jax.numpy as jnp
+  return jnp.where(slot_valid, slot_pos.astype(jnp.int32), _FAR)
+
+
+def streaming_decode(q, slot_k, slot_v, slot_pos, slot_valid, k, v, q_pos, n_valid, sink,
+                     recent):
+  """Streaming heads, one token per row: sink + ring slots and the new token."""
+  import jax.numpy as jnp
+  dt = slot_k.dtype
+  plan = stream_decode_plan(q.shape, slot_k.shape, dt, sink, recent)
+  (out,) = plan.jax(q.astype(dt), slot_k, slot_v.astype(dt), slot_positions(slot_pos, slot_valid),
+                    k.astype(dt), v.astype(dt), q_pos.astype(jnp.int32),
+                    n_valid.astype(jnp.int32))
+  return out.astype(q.dtype)

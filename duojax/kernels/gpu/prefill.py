@@ -1,0 +1,256 @@
+"""Prefill-chunk attention as Triton flash-attention kernels.
+
+Both kernels pack a KV head's G query heads into the rows of one tile: row r of
+program (m, h, b) is chunk token m * (BLOCK_M // G) + r // G, query head r % G,
+so every key/value block is loaded once for the whole group (GQA).
+
+full_chunk       retrieval heads: a chunk of queries over the cache written so
+                 far (slot j = position j). Key blocks past the tile's last query
+                 position or the row's kv_len are never visited; blocks wholly
+                 before the tile's first query position run without a mask.
+                 Cost O(T * kv_len).
+streaming_chunk  streaming heads, the exact mask `j <= t and (j < sink or
+                 t - j < recent)` over the W = sink + recent cache slots and the
+                 chunk's own keys. Of the chunk it visits only the blocks holding
+                 sink positions and the band [first query - recent + 1, last
+                 query] of the tile, so a chunk costs O(T * (W + recent + BLOCK_M)),
+                 independent of the sequence length.
+
+Plain-jnp references: `duojax.attention.reference.full_chunk_attention` and
+`streaming_chunk_attention` (same signatures).
+"""
+
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+
+from duojax.kernels.gpu.decode import LOG2E, _dt, slot_positions
+from duojax.kernels.gpu.launch import Launch, cdiv, next_pow2, strides
+
+# Tuning (H100, bf16, D = 128): 483-491 TFLOP/s for a 4096-token chunk over a 32K-128K
+# prefix (infer/bench_kernels.py). BLOCK_M rows = tokens x G.
+FULL_CHUNK_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+STREAM_CHUNK_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, kp, vp, n, kmask, vis, SKS: tl.constexpr, offs_d, dmask,
+                  QK_SCALE: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr):
+  """One key block: online-softmax update of (acc, m_i, l_i). kp/vp point at the
+  block's first key; n [BLOCK_N] its in-block offsets; kmask [BLOCK_N] keys that
+  exist; vis [BLOCK_M, BLOCK_N] the visibility mask (only used when MASKED)."""
+  k = tl.load(kp + n[:, None] * SKS + offs_d[None, :], mask=kmask[:, None] & dmask[None, :],
+              other=0.0)
+  if IEEE:
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * QK_SCALE
+  else:
+    s = tl.dot(q, tl.trans(k)) * QK_SCALE
+  if MASKED:
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+  else:
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+  alpha = tl.exp2(m_i - m_new)
+  p = tl.exp2(s - m_new[:, None])
+  l_i = l_i * alpha + tl.sum(p, 1)
+  v = tl.load(vp + n[:, None] * SKS + offs_d[None, :], mask=kmask[:, None] & dmask[None, :],
+              other=0.0)
+  if IEEE:
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+  else:
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+  return acc, m_new, l_i
+
+
+@triton.jit
+def _full_chunk_kernel(Q, K, V, QPOS, KVLEN, OUT,
+                       SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
+                       SQG: tl.constexpr, SKB: tl.constexpr, SKS: tl.constexpr,
+                       SKH: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                       BD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+  pid_m = tl.program_id(0)
+  h = tl.program_id(1)
+  b = tl.program_id(2)
+  TPB: tl.constexpr = BLOCK_M // G
+  r = tl.arange(0, BLOCK_M)
+  tok = pid_m * TPB + r // G
+  g = r % G
+  rmask = (r < TPB * G) & (tok < T)
+  offs_d = tl.arange(0, BD)
+  offs_n = tl.arange(0, BLOCK_N)
+  dmask = offs_d < D
+  qoff = b.to(tl.int64) * SQB + tok * SQT + h * SQH + g * SQG
+  q = tl.load(Q + qoff[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+  qpos = tl.load(QPOS + b * T + tok, mask=rmask, other=-1)
+  kvl = tl.load(KVLEN + b)
+  q_hi = tl.max(tl.where(rmask, qpos, -1), 0)
+  q_lo = tl.min(tl.where(rmask, qpos, 1 << 30), 0)
+  hi = tl.maximum(tl.minimum(kvl, q_hi + 1), 0)  # no key at or past hi is visible to any row
+  # keys below min(kvl, q_lo + 1) are visible to every row: no mask there
+  free = tl.maximum(tl.minimum(tl.minimum(kvl, q_lo + 1), hi), 0)
+  free = (free // BLOCK_N) * BLOCK_N
+
+  kbase = K + b.to(tl.int64) * SKB + h * SKH
+  vbase = V + b.to(tl.int64) * SKB + h * SKH
+  m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+  l_i = tl.zeros([BLOCK_M], tl.float32)
+  acc = tl.zeros([BLOCK_M, BD], tl.float32)
+  all_keys = offs_n >= 0
+  kp = kbase
+  vp = vbase
+  for start in range(0, free, BLOCK_N):
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kp, vp, offs_n, all_keys,
+                                  all_keys[None, :], SKS, offs_d, dmask, QK_SCALE, IEEE, False)
+    kp += BLOCK_N * SKS
+    vp += BLOCK_N * SKS
+  kp = kbase + free.to(tl.int64) * SKS
+  vp = vbase + free.to(tl.int64) * SKS
+  for start in range(free, hi, BLOCK_N):
+    j = start + offs_n
+    kmask = j < hi
+    vis = (j[None, :] <= qpos[:, None]) & (j[None, :] < kvl)
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kp, vp, offs_n, kmask, vis,
+                                  SKS, offs_d, dmask, QK_SCALE, IEEE, True)
+    kp += BLOCK_N * SKS
+    vp += BLOCK_N * SKS
+  out = acc / tl.maximum(l_i, 1e-30)[:, None]
+  tl.store(OUT + qoff[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
+           mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _stream_chunk_kernel(Q, SK, SV, SPOS, K, V, QPOS, NVALID, OUT,
+                         SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
+                         SQG: tl.constexpr, SSB: tl.constexpr, SSW: tl.constexpr,
+                         SSH: tl.constexpr, SKB: tl.constexpr, SKT: tl.constexpr,
+                         SKH: tl.constexpr, W: tl.constexpr, T: tl.constexpr, G: tl.constexpr,
+                         D: tl.constexpr, BD: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
+                         QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+  pid_m = tl.program_id(0)
+  h = tl.program_id(1)
+  b = tl.program_id(2)
+  TPB: tl.constexpr = BLOCK_M // G
+  r = tl.arange(0, BLOCK_M)
+  tok = pid_m * TPB + r // G
+  g = r % G
+  rmask = (r < TPB * G) & (tok < T)
+  offs_d = tl.arange(0, BD)
+  offs_n = tl.arange(0, BLOCK_N)
+  dmask = offs_d < D
+  qoff = b.to(tl.int64) * SQB + tok * SQT + h * SQH + g * SQG
+  q = tl.load(Q + qoff[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+  qpos = tl.load(QPOS + b * T + tok, mask=rmask, other=-(1 << 30))
+  nval = tl.load(NVALID + b)
+  start_pos = tl.load(QPOS + b * T)  # chunk token j sits at position start_pos + j
+
+  m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+  l_i = tl.zeros([BLOCK_M], tl.float32)
+  acc = tl.zeros([BLOCK_M, BD], tl.float32)
+
+  # 1) the sink + ring slots (their positions precede the chunk)
+  sk = SK + b.to(tl.int64) * SSB + h * SSH
+  sv = SV + b.to(tl.int64) * SSB + h * SSH
+  for start in range(0, W, BLOCK_N):
+    j = start + offs_n
+    kmask = j < W
+    kpos = tl.load(SPOS + b * W + j, mask=kmask, other=1 << 30)
+    dist = qpos[:, None] - kpos[None, :]
+    vis = (dist >= 0) & ((kpos[None, :] < SINK) | (dist < RECENT)) & kmask[None, :]
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, sk + start * SSW, sv + start * SSW, offs_n,
+                                  kmask, vis, SSW, offs_d, dmask, QK_SCALE, IEEE, True)
+
+  # 2) the chunk's own keys: blocks holding sink positions, then the window band
+  ck = K + b.to(tl.int64) * SKB + h * SKH
+  cv = V + b.to(tl.int64) * SKB + h * SKH
+  q_hi = tl.max(tl.where(rmask, qpos, -(1 << 30)), 0)
+  q_lo = tl.min(tl.where(rmask, qpos, 1 << 30), 0)
+  c_hi = tl.minimum(tl.minimum(q_hi - start_pos + 1, nval), T)  # chunk index bound
+  sink_hi = tl.minimum(tl.maximum(SINK - start_pos, 0), c_hi)
+  sink_hi = tl.cdiv(sink_hi, BLOCK_N) * BLOCK_N
+  band_lo = tl.maximum(q_lo - RECENT + 1 - start_pos, 0)
+  band_lo = tl.maximum((band_lo // BLOCK_N) * BLOCK_N, sink_hi)
+  for start in range(0, sink_hi, BLOCK_N):
+    j = start + offs_n
+    kmask = j < c_hi
+    kpos = start_pos + j
+    dist = qpos[:, None] - kpos[None, :]
+    vis = (dist >= 0) & ((kpos[None, :] < SINK) | (dist < RECENT)) & kmask[None, :]
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, ck + start * SKT, cv + start * SKT, offs_n,
+                                  kmask, vis, SKT, offs_d, dmask, QK_SCALE, IEEE, True)
+  for start in range(band_lo, c_hi, BLOCK_N):
+    j = start + offs_n
+    kmask = j < c_hi
+    kpos = start_pos + j
+    dist = qpos[:, None] - kpos[None, :]
+    vis = (dist >= 0) & ((kpos[None, :] < SINK) | (dist < RECENT)) & kmask[None, :]
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, ck + start * SKT, cv + start * SKT, offs_n,
+                                  kmask, vis, SKT, offs_d, dmask, QK_SCALE, IEEE, True)
+  out = acc / tl.maximum(l_i, 1e-30)[:, None]
+  tl.store(OUT + qoff[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
+           mask=rmask[:, None] & dmask[None, :])
+
+
+# -- launch plans ---------------------------------------------------------------------
+
+def _block_m(g: int, cfg) -> int:
+  return max(cfg["block_m"], next_pow2(g), 16)
+
+
+def full_chunk_plan(q_shape, k_shape, dtype, cfg=None):
+  """q [B, T, H, G, D]; k/v cache [B, S, H, D]."""
+  cfg = cfg or FULL_CHUNK_CONFIG
+  b, t, h, g, d = q_shape
+  bm = _block_m(g, cfg)
+  sq, sk = strides(q_shape), strides(k_shape)
+  return Launch(
+      _full_chunk_kernel, (cdiv(t, bm // g), h, b), ((tuple(q_shape), _dt(dtype)),),
+      dict(SQB=sq[0], SQT=sq[1], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], T=t, G=g,
+           D=d, BD=max(16, next_pow2(d)), BLOCK_M=bm, BLOCK_N=cfg["block_n"],
+           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=_dt(dtype) == "float32"),
+      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def stream_chunk_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None):
+  """q [B, T, H, G, D]; slot k/v [B, W, H, D]; chunk k/v [B, T, H, D]."""
+  cfg = cfg or STREAM_CHUNK_CONFIG
+  b, t, h, g, d = q_shape
+  w = slot_shape[1]
+  bm = _block_m(g, cfg)
+  sq, ss, sk = strides(q_shape), strides(slot_shape), strides((b, t, h, d))
+  return Launch(
+      _stream_chunk_kernel, (cdiv(t, bm // g), h, b), ((tuple(q_shape), _dt(dtype)),),
+      dict(SQB=sq[0], SQT=sq[1], SQH=sq[2], SQG=sq[3], SSB=ss[0], SSW=ss[1], SSH=ss[2],
+           SKB=sk[0], SKT=sk[1], SKH=sk[2], W=w, T=t, G=g, D=d, BD=max(16, next_pow2(d)),
+           BLOCK_M=bm, BLOCK_N=cfg["block_n"], SINK=int(sink), RECENT=int(recent),
+           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=_dt(dtype) == "float32"),
+      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+# -- the ops (dispatch signatures) ----------------------------------------------------
+
+def full_chunk(q, k_cache, v_cache, q_pos, kv_len):
+  """Retrieval heads: q [B, T, H, G, D] over k/v_cache [B, S, H, D] (slot j =
+  position j); key j visible iff j < kv_len[b] and j <= q_pos[b, t]."""
+  import jax.numpy as jnp
+  dt = k_cache.dtype  # computed in the cache's dtype (a cast of q is cheap, of the cache not)
+  plan = full_chunk_plan(q.shape, k_cache.shape, dt)
+  (out,) = plan.jax(q.astype(dt), k_cache, v_cache.astype(dt), q_pos.astype(jnp.int32),
+                    kv_len.astype(jnp.int32))
+  return out.astype(q.dtype)
+
+
+def streaming_chunk(q, slot_k, slot_v, slot_pos, slot_valid, k, v, q_pos, n_valid, sink, recent):
+  """Streaming heads over sink + ring slots and the chunk, exact streaming mask."""
+  import jax.numpy as jnp
+  dt = slot_k.dtype
+  plan = stream_chunk_plan(q.shape, slot_k.shape, dt, sink, recent)
+  (out,) = plan.jax(q.astype(dt), slot_k, slot_v.astype(dt), slot_positions(slot_pos, slot_valid),
+                    k.astype(dt), v.astype(dt), q_pos.astype(jnp.int32),
+                    n_valid.astype(jnp.int32))
+  return out.astype(q.dtype)

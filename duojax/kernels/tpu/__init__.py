@@ -1,0 +1,40 @@
+"""TPU attention kernels (Pallas Mosaic TPU and splash attention) for duojax.
+
+Importing this module registers two attention backends with `duojax.attention.dispatch`:
+  "tpu"            the compiled kernels; only when `jax.default_backend() == "tpu"`, so that
+                   `resolve_backend("auto")` picks it on a TPU and nowhere else
+  "tpu-interpret"  the same kernels in Pallas' TPU interpret mode: runs on CPU (slowly),
+                   for tests and for checking a model end to end without a TPU
+The ops are also importable directly, each taking `interpret=`:
+  full_chunk, streaming_chunk    prefill chunks (chunk_attention.py)
+  full_decode, streaming_decode  one token per row, ragged lengths (decode_attention.py)
+  dense_causal, dense_streaming  whole sequences with gradients, via splash (splash_dense.py)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from duojax.attention import dispatch
+from duojax.kernels.tpu.chunk_attention import full_chunk, streaming_chunk
+from duojax.kernels.tpu.decode_attention import full_decode, streaming_decode
+from duojax.kernels.tpu.splash_dense import dense_causal, dense_streaming
+
+__all__ = ["full_chunk", "streaming_chunk", "full_decode", "streaming_decode", "dense_causal",
+           "dense_streaming", "ops"]
+
+_OPS = {"full_chunk": full_chunk, "streaming_chunk": streaming_chunk, "full_decode": full_decode,
+        "streaming_decode": streaming_decode, "dense_causal": dense_causal,
+        "dense_streaming": dense_streaming}
+
+
+def ops(interpret: bool = False) -> dict:
+  """The backend's op table, in dispatch's names and signatures."""
+  return {name: functools.partial(fn, interpret=interpret) for name, fn in _OPS.items()}
+
+
+dispatch.register_backend("tpu-interpret", ops(interpret=True))
+if jax.default_backend() == "tpu":
+  dispatch.register_backend("tpu", ops())
