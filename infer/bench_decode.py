@@ -248,10 +248,13 @@ def run_jax(args, copy_GBps):
     # (llama.apply_head_mask) permutes random values into random values, so it is skipped.
     sps = sparsities(args, name)
     setups = [(1, None, "full")] + [(1, random_mask(config, float(s)), f"duo-{s}") for s in sps]
+    if args.unfused:  # the same masks through the two decode ops + concatenation
+      setups += [(1, random_mask(config, float(sps[0])), f"duo-{sps[0]}-unfused")]
     for b in batches(args):
       if b > 1 and (name in args.multi_batch_models.split(",") or args.smoke):
         setups += [(b, None, "full"), (b, random_mask(config, float(sps[0])), f"duo-{sps[0]}")]
     for batch, mask, label in setups:
+      backend = unfused_backend(args.backend) if label.endswith("-unfused") else args.backend
       ctxs = [c for c in contexts(args) if batch == 1 or c <= args.max_batch_ctx * K
               or args.smoke]
       fits = [c for c in ctxs if w_alloc + kvc.kv_cache_bytes(config, mask, c + args.steps + 16,
@@ -304,6 +307,16 @@ def run_jax(args, copy_GBps):
       del cache, compiled
     del params
   return rows
+
+
+def unfused_backend(name: str) -> str:
+  """A copy of the backend without its fused `duo_decode` op (dispatch then runs the
+  retrieval and streaming decode ops separately), registered as NAME-unfused."""
+  from duojax.attention import dispatch
+  name = dispatch.resolve_backend(name)
+  ops = {k: v for k, v in dispatch._load(name).items() if k != "duo_decode"}
+  dispatch.register_backend(f"{name}-unfused", ops)
+  return f"{name}-unfused"
 
 
 def batches(args):
@@ -417,6 +430,8 @@ def main(argv=None):
                        "first sparsity, contexts <= --max-batch-ctx)")
   ap.add_argument("--steps", type=int, default=16)
   ap.add_argument("--backend", default="auto")
+  ap.add_argument("--unfused", action="store_true",
+                  help="also time duo without the fused duo_decode op (batch 1)")
   ap.add_argument("--no-hf", action="store_true")
   ap.add_argument("--hf-models", default="llama3-8b,llama2-7b")
   ap.add_argument("--hf-contexts", default="8,32,128,256")

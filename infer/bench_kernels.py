@@ -59,7 +59,7 @@ def wall(fn, *args, reps=5):
   return statistics.median(ts)
 
 
-def chain_time(op, q, bufsets, n1=2, n2=12, reps=5):
+def chain_time(op, q, bufsets, n1=4, n2=24, reps=9):
   """Seconds per call of op(q, *bufset) -> q-shaped output, by the slope method."""
   def make(n):
     @jax.jit
@@ -155,6 +155,47 @@ def bench_stream_decode(ops, b, h, g, d, sink, recent, copy):
   return row
 
 
+def bench_duo_decode(ops, b, hr, hs, g, d, ctx, sink, recent, copy):
+  """A DuoAttention layer's decode: hr retrieval heads over ctx keys + hs streaming heads."""
+  w = sink + recent
+  kv_bytes = 2 * b * ctx * hr * d * 2 + 2 * b * w * hs * d * 2
+  sets = [(rand(6 * i + 1, (b, ctx, hr, d)), rand(6 * i + 2, (b, ctx, hr, d)),
+           rand(6 * i + 3, (b, w, hs, d)), rand(6 * i + 4, (b, w, hs, d)),
+           rand(6 * i + 5, (b, 1, hr + hs, d)), rand(6 * i + 6, (b, 1, hr + hs, d)))
+          for i in range(n_sets(kv_bytes))]
+  q = rand(0, (b, 1, hr + hs, g, d))
+  lens = jnp.full((b,), ctx, jnp.int32)
+  start = lens - 1
+  pos, valid = kvc.stream_slot_positions(start, sink, recent)
+  nv = jnp.ones((b,), jnp.int32)
+  row = {"kernel": "duo_decode", "B": b, "H": hr, "HS": hs, "G": g, "D": d, "ctx": ctx,
+         "bytes": kv_bytes + 2 * q.size * 2}
+  for name, op in ops.items():
+    f = lambda q, kc, vc, sk, sv, k, v, op=op: op(q, kc, vc, start[:, None], lens, sk, sv, pos,
+                                                  valid, k, v, nv, sink, recent)
+    try:
+      s = chain_time(f, q, sets)
+      row[f"{name}_us"] = s * 1e6
+      row[f"{name}_GBps"] = row["bytes"] / s / 1e9
+      row[f"{name}_frac_copy"] = row[f"{name}_GBps"] / copy
+    except Exception as e:  # noqa: BLE001 - e.g. the XLA reference out of memory
+      row[f"{name}_error"] = repr(e)[:300]
+  del sets
+  return row
+
+
+def split_duo_decode(full_decode, streaming_decode):
+  """The unfused route: two decode ops and a concatenation (what dispatch did before
+  `duo_decode`)."""
+  def op(q, kc, vc, q_pos, kv_len, sk, sv, pos, valid, k, v, nv, sink, recent):
+    hr = kc.shape[2]
+    a = full_decode(q[:, :, :hr], kc, vc, q_pos, kv_len)
+    b = streaming_decode(q[:, :, hr:], sk, sv, pos, valid, k[:, :, hr:], v[:, :, hr:], q_pos, nv,
+                         sink, recent)
+    return jnp.concatenate([a, b], axis=2)
+  return op
+
+
 # -- prefill ----------------------------------------------------------------------------
 
 def attn_flops(t, keys_per_query, hq, d, b=1):
@@ -171,9 +212,14 @@ def bench_full_chunk(ops, b, h, g, d, t, prefix):
   flops = attn_flops(t, prefix + (t + 1) / 2, h * g, d, b)
   row = {"kernel": "full_chunk", "B": b, "H": h, "G": g, "D": d, "T": t, "prefix": prefix,
          "flops": flops}
+  base = None
   for name, op in ops.items():
     f = lambda q, k, v, op=op: op(q, k, v, qpos, kvl)
     try:
+      out = jax.jit(f)(q, *sets[0]).astype(jnp.float32)
+      if base is None:  # the first op (ours) is the yardstick of the others
+        base = out
+      row[f"{name}_rel_err"] = float(jnp.linalg.norm(out - base) / jnp.linalg.norm(base))
       sec = chain_time(f, q, sets, n1=1, n2=4, reps=3)
       row[f"{name}_ms"] = sec * 1e3
       row[f"{name}_TFLOPs"] = flops / sec / 1e12
@@ -202,26 +248,34 @@ def bench_stream_chunk(ops, b, h, g, d, t, prefix, sink, recent):
   return row
 
 
-def dense_causal_ops():
-  """Square causal attention (the first prefill chunk) through other libraries."""
+def other_chunk_ops(prefix: int):
+  """Causal prefill-chunk attention through other libraries: cuDNN via
+  jax.nn.dot_product_attention (its causal mask is top-left aligned, so only the
+  first chunk, prefix 0) and tokamax's implementations. tokamax's causal mask
+  takes one offset for the whole batch (`local_window_size=(S, prefix)`: key k
+  visible from query q iff k <= q + prefix), so it serves chunks whose rows all
+  start at the same position, not a ragged batch."""
   ops = {}
-
-  def cudnn(q, k, v, qpos, kvl):
-    b, t, h, g, d = q.shape
-    out = jax.nn.dot_product_attention(q.reshape(b, t, h * g, d), k, v, is_causal=True,
-                                       implementation="cudnn")
-    return out.reshape(q.shape)
-  ops["cudnn"] = cudnn
+  if prefix == 0:
+    def cudnn(q, k, v, qpos, kvl):
+      b, t, h, g, d = q.shape
+      out = jax.nn.dot_product_attention(q.reshape(b, t, h * g, d), k, v, is_causal=True,
+                                         implementation="cudnn")
+      return out.reshape(q.shape)
+    ops["cudnn"] = cudnn
   try:
     import tokamax
-
-    def tk(q, k, v, qpos, kvl):
-      b, t, h, g, d = q.shape
-      out = tokamax.dot_product_attention(q.reshape(b, t, h * g, d), k, v, is_causal=True)
-      return out.reshape(q.shape)
-    ops["tokamax"] = tk
   except Exception as e:  # noqa: BLE001 - tokamax is optional
     print("tokamax unavailable:", repr(e)[:300])
+    return ops
+  for impl in ("mosaic", "triton"):
+    def tk(q, k, v, qpos, kvl, impl=impl):
+      b, t, h, g, d = q.shape
+      kw = dict(is_causal=True) if prefix == 0 else dict(local_window_size=(k.shape[1], prefix))
+      out = tokamax.dot_product_attention(q.reshape(b, t, h * g, d), k, v, implementation=impl,
+                                          **kw)
+      return out.reshape(q.shape)
+    ops[f"tokamax_{impl}"] = tk
   return ops
 
 
@@ -241,7 +295,7 @@ def decode_variants(ctx=128 * K, h=4, g=4, d=128, b=1):
   nbytes = 2 * kb.numel() * 2
   rows = []
   grid = [(bn, w, st, p) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)
-          for p in (264, 528)]
+          for p in (264, 528, 1056)]
   for bn, w, st, p in grid:
     cfg = {"block_n": bn, "num_warps": w, "num_stages": st, "programs": p, "max_splits": 256}
     try:
@@ -286,7 +340,10 @@ def main(argv=None):
   ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU check of the script)")
   ap.add_argument("--contexts", default="8,32,128,512", help="decode contexts in K tokens")
   ap.add_argument("--variants", action="store_true", help="also time decode tuning variants")
+  ap.add_argument("--variants-shape", default="128,4,4",
+                  help="context in K tokens, KV heads, G of the --variants grid")
   ap.add_argument("--skip-prefill", action="store_true")
+  ap.add_argument("--skip-decode", action="store_true")
   args = ap.parse_args(argv)
   out_dir = Path(args.out)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -300,7 +357,9 @@ def main(argv=None):
     from duojax.kernels import gpu as kg
     ops_d = {"triton": kg.full_decode, **ops_d}
     ops_sd = {"triton": kg.streaming_decode, **ops_sd}
-    ops_fc = {"triton": kg.full_chunk}
+    ops_fc = {"triton": kg.prefill.triton_full_chunk}
+    if kg.tokamax_chunk.available():  # the backend's route: tokamax with a per-row k_end mask
+      ops_fc["tokamax_route"] = kg.tokamax_chunk.full_chunk
     ops_sc = {"triton": kg.streaming_chunk, **ops_sc}
 
   dev = jax.devices()[0]
@@ -322,7 +381,7 @@ def main(argv=None):
     shapes = [(1, 8, 4, 128, None), (1, 4, 4, 128, None), (1, 32, 1, 128, None),
               (1, 8, 1, 128, None), (8, 8, 4, 128, 32)]
     ctxs = [int(c) * K for c in args.contexts.split(",")]
-  for b, h, g, d, only in shapes:
+  for b, h, g, d, only in ([] if args.skip_decode else shapes):
     for ctx in ([only * K] if only else ctxs):
       if 2 * b * ctx * h * d * 2 > 12 * 2**30:
         continue
@@ -332,18 +391,32 @@ def main(argv=None):
       r = bench_full_decode(ops, b, h, g, d, ctx, cbw)
       rows.append(r)
       print(json.dumps(r), flush=True)
-  for b, h, g, d in ([(1, 2, 2, 64)] if args.smoke else [(1, 4, 4, 128), (1, 24, 1, 128),
-                                                          (8, 4, 4, 128)]):
+  for b, h, g, d in ([] if args.skip_decode else [(1, 2, 2, 64)] if args.smoke else
+                     [(1, 4, 4, 128), (1, 24, 1, 128), (8, 4, 4, 128)]):
     r = bench_stream_decode(ops_sd, b, h, g, d, 64, 256, cbw)
     rows.append(r)
     print(json.dumps(r), flush=True)
+  # a whole DuoAttention layer: fused launch vs the two ops + concatenation
+  ops_duo = {"xla": reference.duo_decode_attention}
+  if on_gpu:
+    ops_duo = {"triton": kg.duo_decode,
+               "triton_split": split_duo_decode(kg.full_decode, kg.streaming_decode), **ops_duo}
+  for b, hr, hs, g, d in ([] if args.skip_decode else [(1, 1, 1, 2, 64)] if args.smoke else
+                          [(1, 4, 4, 4, 128), (1, 8, 24, 1, 128)]):
+    for ctx in ([1000] if args.smoke else ctxs):
+      ops = dict(ops_duo)
+      if ctx > 128 * K:
+        ops.pop("xla", None)
+      r = bench_duo_decode(ops, b, hr, hs, g, d, ctx, 64, 256, cbw)
+      rows.append(r)
+      print(json.dumps(r), flush=True)
 
   if not args.skip_prefill:
     t = 256 if args.smoke else 4096
     for prefix in ([0, 512] if args.smoke else [0, 32 * K, 128 * K]):
       ops = dict(ops_fc) if not args.smoke else {"xla": reference.full_chunk_attention}
-      if on_gpu and prefix == 0:
-        ops.update(dense_causal_ops())
+      if on_gpu:
+        ops.update(other_chunk_ops(prefix))
       r = bench_full_chunk(ops, 1, 2 if args.smoke else 8, 4, 64 if args.smoke else 128, t,
                            prefix)
       rows.append(r)
@@ -357,9 +430,16 @@ def main(argv=None):
 
   variants = layout = None
   if args.variants and on_gpu:
-    variants, layout = decode_variants()
+    vctx, vh, vg = (int(x) for x in args.variants_shape.split(","))
+    variants, layout = decode_variants(vctx * K, vh, vg)
+    from duojax.kernels.gpu.decode import DECODE_CONFIG
+    default = {k: DECODE_CONFIG[k] for k in ("block_n", "num_warps", "num_stages", "programs")}
+    for v in variants:
+      v["default"] = all(v.get(k) == x for k, x in default.items())
     best = sorted([v for v in variants if "us" in v], key=lambda v: v["us"])[:5]
-    print("decode variants (128K, 4 KV heads, G=4), best 5:", json.dumps(best), flush=True)
+    print(f"decode variants ({vctx}K, {vh} KV heads, G={vg}; CUDA graph, kernel + merge only), "
+          "best 5:", json.dumps(best), flush=True)
+    print("default config:", json.dumps([v for v in variants if v["default"]]), flush=True)
     print("layout:", json.dumps(layout), flush=True)
 
   res = {"meta": meta, "rows": rows, "decode_variants": variants, "layout": layout}
@@ -381,7 +461,7 @@ def format_table(rows, meta):
           return "-" if f"{n}_error" not in r else "error"
         return f"{r[f'{n}_us']:.1f} us, {r[f'{n}_GBps']:.0f} GB/s ({100 * r[f'{n}_frac_copy']:.0f}%)"
       size = f"{kfmt(r['ctx'])}" if r["ctx"] >= K else str(r["ctx"])
-      others = ""
+      others = f"unfused (2 ops + concat) {f('triton_split')}" if "HS" in r else ""
     else:
       def f(n):
         if f"{n}_ms" not in r:
@@ -389,9 +469,12 @@ def format_table(rows, meta):
         tf = r.get(f"{n}_TFLOPs", r.get(f"{n}_TFLOPs_visible"))
         return f"{r[f'{n}_ms']:.2f} ms, {tf:.0f} TFLOP/s"
       size = f"{r['T']} ({kfmt(r['prefix'])})"
-      others = "; ".join(f"{n} {f(n)}" for n in ("cudnn", "tokamax") if f"{n}_ms" in r
-                         or f"{n}_error" in r)
-    lines.append(f"| {r['kernel']} | {r['B']} | {r['H']}x{r['G']} | {r['D']} | {size} | "
+      names = sorted({k.rsplit("_", 1)[0] for k in r if k.endswith(("_ms", "_error"))}
+                     - {"triton", "xla"})
+      others = "; ".join(f"{n} {f(n)}" + (f" (rel. err. {r[f'{n}_rel_err']:.1e})"
+                                          if f"{n}_rel_err" in r else "") for n in names)
+    heads = f"{r['H']}+{r['HS']}s" if "HS" in r else str(r["H"])
+    lines.append(f"| {r['kernel']} | {r['B']} | {heads}x{r['G']} | {r['D']} | {size} | "
                  f"{f('triton')} | {f('xla')} | {others} |")
   return "\n".join(lines) + "\n"
 

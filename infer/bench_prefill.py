@@ -30,6 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_decode import K, kfmt, model_configs, random_mask  # noqa: E402
 
 
+def retrieval_route(backend: str) -> str:
+  """Which kernel the backend's full_chunk runs: tokamax's Mosaic GPU or our Triton one."""
+  if backend != "gpu":
+    return backend
+  from duojax.kernels.gpu import tokamax_chunk
+  return "tokamax Mosaic GPU" if tokamax_chunk.available() else "Triton"
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", required=True)
@@ -62,8 +70,10 @@ def main(argv=None):
   meta = {"device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__,
           "date": datetime.datetime.now().isoformat(timespec="seconds"),
           "command": "python infer/bench_prefill.py " + " ".join(argv or sys.argv[1:]),
-          "backend": backend, "chunk": chunk, "model": name}
-  print(f"# {meta['device']} backend {backend}, chunk {chunk}", flush=True)
+          "backend": backend, "chunk": chunk, "model": name,
+          "retrieval_chunk_route": retrieval_route(backend)}
+  print(f"# {meta['device']} backend {backend} ({meta['retrieval_chunk_route']}), chunk {chunk}",
+        flush=True)
 
   params = llama.init_params(config, jax.random.PRNGKey(0), jnp.bfloat16)
   w_alloc = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
@@ -126,7 +136,8 @@ def main(argv=None):
   (out / "bench_prefill.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
   full = {r["ctx"]: r for r in rows if r["config"] == "full" and "seconds" in r}
   lines = [f"Device {meta['device']}, {meta['date']}; {name}, batch 1, chunk {chunk}, backend "
-           f"{backend}; `{meta['command']}`", "",
+           f"{backend} (retrieval-head chunks: {meta['retrieval_chunk_route']}); "
+           f"`{meta['command']}`", "",
            "| ctx | config | prefill s | tokens/s | peak GB | speed-up vs full |",
            "|---|---|---|---|---|---|"]
   for r in rows:

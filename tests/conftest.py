@@ -3,7 +3,10 @@
 import os
 from pathlib import Path
 
-import jax
+# `pytest -k gpu -n 8` runs 8 processes on one GPU: none may take 75% of its memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -104,6 +104,29 @@ def test_streaming_decode_gpu(h, g, d, sink, recent):
   check(out, want, dtype)
 
 
+@pytest.mark.parametrize("hr,hs,g,d", [(1, 3, 1, 64), (2, 2, 4, 128), (2, 1, 3, 64),
+                                        (5, 3, 1, 128)])
+@pytest.mark.parametrize("sink,recent", [(64, 256), (0, 19)])
+def test_duo_decode_gpu(hr, hs, g, d, sink, recent):
+  """The fused launch equals full + streaming references, concatenated."""
+  b, s, dtype = 4, 1500, jnp.bfloat16
+  w = sink + recent
+  lens = jnp.asarray([1500, 1, 333, w + 7], jnp.int32)  # after the new token
+  start = lens - 1
+  q = rnd((b, 1, hr + hs, g, d), dtype)
+  kc, vc = rnd((b, s, hr, d), dtype), rnd((b, s, hr, d), dtype)
+  sk, sv = rnd((b, w, hs, d), dtype), rnd((b, w, hs, d), dtype)
+  k, v = rnd((b, 1, hr + hs, d), dtype), rnd((b, 1, hr + hs, d), dtype)
+  pos, valid = kvc.stream_slot_positions(start, sink, recent)
+  args = (start[:, None], lens)
+  n_valid = jnp.ones((b,), jnp.int32)
+  out = jax.jit(kg.duo_decode, static_argnums=(12, 13))(
+      q, kc, vc, *args, sk, sv, pos, valid, k, v, n_valid, sink, recent)
+  want = reference.duo_decode_attention(*f32(q, kc, vc), *args, *f32(sk, sv), pos, valid,
+                                        *f32(k, v), n_valid, sink, recent)
+  check(out, want, dtype)
+
+
 @pytest.mark.parametrize("h,g,d", SHAPES)
 def test_full_chunk_gpu(h, g, d):
   b, t, s, dtype = 3, 203, 1300, jnp.bfloat16
@@ -115,6 +138,29 @@ def test_full_chunk_gpu(h, g, d):
   kv_len = start + n_valid
   out = jax.jit(kg.full_chunk)(q, kc, vc, q_pos, kv_len)
   check(out, reference.full_chunk_attention(*f32(q, kc, vc), q_pos, kv_len), dtype)
+
+
+@pytest.mark.parametrize("h,g,d", SHAPES)
+@pytest.mark.parametrize("route", ["triton", "tokamax"])
+def test_full_chunk_routes_gpu(h, g, d, route):
+  """Both routes of the retrieval heads' chunk on a ragged batch: rows at different
+  starts, one with no new token, a chunk over a prefix, bf16."""
+  from duojax.kernels.gpu import prefill, tokamax_chunk
+  if route == "tokamax" and not tokamax_chunk.available():
+    pytest.skip("tokamax is not installed")
+  b, t, s, dtype = 3, 256, 2000, jnp.bfloat16
+  start = jnp.asarray([0, 1201, 640], jnp.int32)
+  n_valid = jnp.asarray([256, 100, 0], jnp.int32)
+  q = rnd((b, t, h, g, d), dtype)
+  kc, vc = rnd((b, s, h, d), dtype), rnd((b, s, h, d), dtype)
+  q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+  kv_len = start + n_valid
+  fn = prefill.triton_full_chunk if route == "triton" else tokamax_chunk.full_chunk
+  out = jax.jit(fn)(q, kc, vc, q_pos, kv_len)
+  assert out is not None, "tokamax declined the shape"
+  want = reference.full_chunk_attention(*f32(q, kc, vc), q_pos, kv_len)
+  live = (jnp.arange(t)[None] < n_valid[:, None])  # rows past n_valid are padding
+  check(out, want, dtype, valid_rows=np.asarray(live))
 
 
 @pytest.mark.parametrize("h,g,d", SHAPES)

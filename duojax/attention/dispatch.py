@@ -9,7 +9,10 @@ Backends register ops with these signatures (see attention/reference.py):
   full_chunk(q, k_cache, v_cache, q_pos, kv_len)
   streaming_chunk(q, slot_k, slot_v, slot_pos, slot_valid, k, v, q_pos, n_valid, sink, recent)
 and optionally `full_decode` / `streaming_decode` with the same signatures, used
-when the chunk holds one token. A backend may omit any op; the reference is used.
+when the chunk holds one token, and `duo_decode` (reference.duo_decode_attention),
+a DuoAttention layer's retrieval and streaming heads in one launch: it replaces
+the two decode ops and the concatenation of their outputs. A backend may omit
+any op; the reference is used.
 """
 
 from __future__ import annotations
@@ -105,6 +108,17 @@ def _attend_stream(c: kvc.StreamLayerCache, q, k, v, start, n_valid, backend):
   return out, kvc.write_stream(c, k, v, start, n_valid)
 
 
+def _attend_duo_fused(fused, c: kvc.DuoLayerCache, q, k, v, start, n_valid):
+  n_r = c.n_retrieval
+  (kr, ks), (vr, vs) = (kvc.split_heads(x, n_r, 2) for x in (k, v))
+  fc = kvc.write_full(c.full, kr, vr, start, n_valid)
+  sc = c.stream
+  slot_pos, slot_valid = kvc.stream_slot_positions(start, sc.sink, sc.recent)
+  out = fused(q, fc.k, fc.v, start[:, None], start + n_valid, sc.k, sc.v, slot_pos, slot_valid,
+              k, v, n_valid, sc.sink, sc.recent)
+  return out, kvc.DuoLayerCache(fc, kvc.write_stream(sc, ks, vs, start, n_valid))
+
+
 def attend(layer_cache: kvc.LayerCache, q: jax.Array, k: jax.Array, v: jax.Array,
            start: jax.Array, n_valid: jax.Array, backend: str = "xla"):
   """q [B, T, Hkv, G, D], k/v [B, T, Hkv, D] (after RoPE, retrieval heads first);
@@ -115,6 +129,10 @@ def attend(layer_cache: kvc.LayerCache, q: jax.Array, k: jax.Array, v: jax.Array
   if isinstance(layer_cache, (kvc.StreamLayerCache, compensation.CompLayerCache)):
     return _attend_stream(layer_cache, q, k, v, start, n_valid, backend)
   n_r = layer_cache.n_retrieval
+  fused = _load(backend).get("duo_decode")
+  if fused is not None and q.shape[1] == 1 and isinstance(layer_cache.stream,
+                                                          kvc.StreamLayerCache):
+    return _attend_duo_fused(fused, layer_cache, q, k, v, start, n_valid)
   (qr, qs), (kr, ks), (vr, vs) = (kvc.split_heads(x, n_r, 2) for x in (q, k, v))
   out_r, fc = _attend_full(layer_cache.full, qr, kr, vr, start, n_valid, backend)
   out_s, sc = _attend_stream(layer_cache.stream, qs, ks, vs, start, n_valid, backend)

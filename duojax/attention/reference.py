@@ -134,3 +134,22 @@ def streaming_chunk_attention(q: jax.Array, slot_k: jax.Array, slot_v: jax.Array
   k_valid = jnp.concatenate([slot_valid, chunk_valid], axis=1)
   mask = streaming_mask(q_pos, k_pos, sink, recent) & k_valid[:, None, :]  # [B, T, W+T]
   return masked_attention(q, keys, vals, mask[:, None])
+
+
+def duo_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                         q_pos: jax.Array, kv_len: jax.Array, slot_k: jax.Array,
+                         slot_v: jax.Array, slot_pos: jax.Array, slot_valid: jax.Array,
+                         k: jax.Array, v: jax.Array, n_valid: jax.Array, sink: int,
+                         recent: int) -> jax.Array:
+  """A DuoAttention layer's decode step as one op (what a fused kernel computes).
+
+  q [B, 1, Hr + Hs, G, D] with the Hr retrieval heads first; k/v_cache
+  [B, S, Hr, D] already holding the new token; slot_k/v [B, W, Hs, D] as before
+  it; k, v [B, 1, Hr + Hs, D] the new token's keys/values. Returns
+  [B, 1, Hr + Hs, G, D].
+  """
+  hr = k_cache.shape[2]
+  full = full_chunk_attention(q[:, :, :hr], k_cache, v_cache, q_pos, kv_len)
+  stream = streaming_chunk_attention(q[:, :, hr:], slot_k, slot_v, slot_pos, slot_valid,
+                                     k[:, :, hr:], v[:, :, hr:], q_pos, n_valid, sink, recent)
+  return jnp.concatenate([full, stream], axis=2)

@@ -3,12 +3,15 @@
 Importing this module registers the attention backend "gpu" with
 `duojax.attention.dispatch`:
   full_chunk        retrieval heads, prefill chunk: causal flash attention over the
-                    cache (prefill.py)
+                    cache (prefill.py; through tokamax's Mosaic GPU kernel when
+                    tokamax is installed, tokamax_chunk.py)
   streaming_chunk   streaming heads, prefill chunk: exact sink + window mask, visiting
                     only the key blocks inside it (prefill.py)
   full_decode       retrieval heads, one token: split-K flash-decoding, GQA packed,
                     reads each row only up to its length (decode.py)
   streaming_decode  streaming heads, one token: sink + ring + the new token (decode.py)
+  duo_decode        a DuoAttention layer, one token: both of the above in one launch,
+                    merged straight into the layer's output (decode.py)
 Gate training's whole-sequence ops (`dense_causal`, `dense_streaming`) need
 gradients, which jax-triton calls do not have: they stay on the XLA reference.
 
@@ -28,13 +31,14 @@ except ImportError as e:  # pragma: no cover - depends on the machine
   raise ImportError("the gpu attention backend needs triton (pip install 'duojax[gpu]')") from e
 
 from duojax.kernels.gpu import decode, prefill  # noqa: E402
-from duojax.kernels.gpu.decode import full_decode, streaming_decode  # noqa: E402
+from duojax.kernels.gpu.decode import duo_decode, full_decode, streaming_decode  # noqa: E402
 from duojax.kernels.gpu.prefill import full_chunk, streaming_chunk  # noqa: E402
 
-__all__ = ["full_chunk", "streaming_chunk", "full_decode", "streaming_decode", "OPS"]
+__all__ = ["full_chunk", "streaming_chunk", "full_decode", "streaming_decode", "duo_decode",
+           "OPS"]
 
 OPS = {"full_chunk": full_chunk, "streaming_chunk": streaming_chunk,
-       "full_decode": full_decode, "streaming_decode": streaming_decode}
+       "full_decode": full_decode, "streaming_decode": streaming_decode, "duo_decode": duo_decode}
 
 
 def _register() -> None:

@@ -39,6 +39,109 @@ _FAR = 1 << 30  # position given to an empty streaming slot: never visible
 
 
 @triton.jit
+def _scan(q, kp, vp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
+          SKS: tl.constexpr, SVS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+          BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr,
+          STREAM: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr):
+  """Online softmax of q [GP, BD] over keys [lo, hi) at kp / vp (pointing at key lo).
+
+  STREAM: key n sits at position pos_ptr[n] and is visible under the streaming
+  mask; otherwise every key in [lo, hi) is visible (the caller bounded hi by the
+  row's causal limit). Returns the unnormalised (m, l, acc) in fp32, base 2.
+  """
+  offs_n = tl.arange(0, BLOCK_N)
+  offs_d = tl.arange(0, BD)
+  dmask = offs_d < D
+  for start in range(lo, hi, BLOCK_N):
+    n = start + offs_n
+    vis = n < hi
+    if STREAM:
+      kpos = tl.load(pos_ptr + n, mask=vis, other=1 << 30)
+      dist = qpos - kpos
+      vis = vis & (dist >= 0) & ((kpos < SINK) | (dist < RECENT))
+    k = tl.load(kp + offs_n[:, None] * SKS + offs_d[None, :], mask=vis[:, None] & dmask[None, :],
+                other=0.0)
+    v = tl.load(vp + offs_n[:, None] * SVS + offs_d[None, :], mask=vis[:, None] & dmask[None, :],
+                other=0.0)
+    if IEEE:
+      s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+      s = tl.dot(q, tl.trans(k))
+    s = tl.where(vis[None, :], s * QK_SCALE, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no visible key
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+      acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+      acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    m_i = m_new
+    kp += BLOCK_N * SKS
+    vp += BLOCK_N * SVS
+  return m_i, l_i, acc
+
+
+@triton.jit
+def _add_new_token(q, kn_ptr, vn_ptr, nval, qpos, m_i, l_i, acc,
+                   D: tl.constexpr, BD: tl.constexpr, QK_SCALE: tl.constexpr,
+                   SINK: tl.constexpr, RECENT: tl.constexpr):
+  """Folds the row's new token (position qpos, distance 0) into (m, l, acc): visible
+  when the row is real and the window admits distance 0 or qpos is a sink position."""
+  offs_d = tl.arange(0, BD)
+  dmask = offs_d < D
+  new_vis = (nval > 0) & ((RECENT > 0) | (qpos < SINK))
+  kn = tl.load(kn_ptr + offs_d, mask=dmask, other=0.0)
+  vn = tl.load(vn_ptr + offs_d, mask=dmask, other=0.0)
+  s_n = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * QK_SCALE
+  s_n = tl.where(new_vis, s_n, float("-inf"))
+  m_new = tl.maximum(m_i, s_n)
+  m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+  alpha = tl.exp2(m_i - m_safe)
+  p_n = tl.exp2(s_n - m_safe)
+  l_i = l_i * alpha + p_n
+  acc = acc * alpha[:, None] + p_n[:, None] * vn.to(tl.float32)[None, :]
+  return m_new, l_i, acc
+
+
+@triton.jit
+def _load_q(Q, b, h, SQB: tl.constexpr, SQH: tl.constexpr, SQG: tl.constexpr,
+            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+  offs_g = tl.arange(0, GP)
+  offs_d = tl.arange(0, BD)
+  return tl.load(Q + b.to(tl.int64) * SQB + h * SQH + offs_g[:, None] * SQG + offs_d[None, :],
+                 mask=(offs_g[:, None] < G) & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _store_partial(OP, MP, LP, row, m_i, l_i, acc, G: tl.constexpr, GP: tl.constexpr,
+                   D: tl.constexpr, BD: tl.constexpr):
+  """Partials: OP [B, H, NS, G, D] fp32 (unnormalised), MP / LP [B, H, NS, G]; row =
+  ((b * H + h) * NS + split) * G."""
+  offs_g = tl.arange(0, GP)
+  offs_d = tl.arange(0, BD)
+  gmask = offs_g < G
+  tl.store(MP + row + offs_g, m_i, mask=gmask)
+  tl.store(LP + row + offs_g, l_i, mask=gmask)
+  tl.store(OP + (row + offs_g[:, None]).to(tl.int64) * D + offs_d[None, :], acc,
+           mask=gmask[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _split_range(QPOS, KVLEN, b, split, NS: tl.constexpr, BLOCK_N: tl.constexpr):
+  """Keys [lo, hi) of split `split` of row b: the row's visible keys [0, min(kv_len,
+  q_pos + 1)) cut into NS runs of whole blocks."""
+  qpos = tl.load(QPOS + b)
+  kvl = tl.load(KVLEN + b)
+  limit = tl.maximum(tl.minimum(kvl, qpos + 1), 0)
+  per = tl.cdiv(tl.cdiv(limit, BLOCK_N), NS)
+  lo = split * per * BLOCK_N
+  hi = tl.minimum(lo + per * BLOCK_N, limit)
+  return lo, hi
+
+
+@triton.jit
 def _full_decode_kernel(Q, K, V, QPOS, KVLEN, OP, MP, LP,
                         SQB: tl.constexpr, SQH: tl.constexpr, SQG: tl.constexpr,
                         SKB: tl.constexpr, SKS: tl.constexpr, SKH: tl.constexpr,
@@ -49,73 +152,77 @@ def _full_decode_kernel(Q, K, V, QPOS, KVLEN, OP, MP, LP,
   split = tl.program_id(0)
   h = tl.program_id(1)
   b = tl.program_id(2)
-  qpos = tl.load(QPOS + b)
-  kvl = tl.load(KVLEN + b)
-  limit = tl.maximum(tl.minimum(kvl, qpos + 1), 0)  # keys [0, limit) are visible
-  nblk = tl.cdiv(limit, BLOCK_N)
-  per = tl.cdiv(nblk, NS)
-  lo = split * per * BLOCK_N
-  hi = tl.minimum(lo + per * BLOCK_N, limit)
-
-  offs_g = tl.arange(0, GP)
-  offs_d = tl.arange(0, BD)
-  offs_n = tl.arange(0, BLOCK_N)
-  dmask = offs_d < D
-  q = tl.load(Q + b.to(tl.int64) * SQB + h * SQH + offs_g[:, None] * SQG + offs_d[None, :],
-              mask=(offs_g[:, None] < G) & dmask[None, :], other=0.0)
-  kbase = K + b.to(tl.int64) * SKB + h * SKH
-  vbase = V + b.to(tl.int64) * SVB + h * SVH
-
+  lo, hi = _split_range(QPOS, KVLEN, b, split, NS, BLOCK_N)
+  q = _load_q(Q, b, h, SQB, SQH, SQG, G, GP, D, BD)
+  kp = K + b.to(tl.int64) * SKB + h * SKH + lo.to(tl.int64) * SKS
+  vp = V + b.to(tl.int64) * SVB + h * SVH + lo.to(tl.int64) * SVS
   m_i = tl.full([GP], float("-inf"), tl.float32)
   l_i = tl.zeros([GP], tl.float32)
   acc = tl.zeros([GP, BD], tl.float32)
-  kp = kbase + lo.to(tl.int64) * SKS
-  vp = vbase + lo.to(tl.int64) * SVS
-  for start in range(lo, hi, BLOCK_N):
-    n = start + offs_n
-    nmask = n < hi
-    k = tl.load(kp + offs_n[:, None] * SKS + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
-                other=0.0)
-    v = tl.load(vp + offs_n[:, None] * SVS + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
-                other=0.0)
-    if IEEE:
-      s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-      s = tl.dot(q, tl.trans(k))
-    s = tl.where(nmask[None, :], s * QK_SCALE, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds a visible key
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-      acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-      acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    m_i = m_new
-    kp += BLOCK_N * SKS
-    vp += BLOCK_N * SVS
+  m_i, l_i, acc = _scan(q, kp, vp, lo, hi, QPOS, 0, m_i, l_i, acc, SKS, SVS, D, BD, BLOCK_N,
+                        QK_SCALE, IEEE, False, 0, 0)
+  _store_partial(OP, MP, LP, ((b * H + h) * NS + split) * G, m_i, l_i, acc, G, GP, D, BD)
 
-  # partials: OP [B, H, NS, G, D] fp32 (unnormalised), MP / LP [B, H, NS, G]
-  row = ((b * H + h) * NS + split) * G
-  gmask = offs_g < G
-  tl.store(MP + row + offs_g, m_i, mask=gmask)
-  tl.store(LP + row + offs_g, l_i, mask=gmask)
-  tl.store(OP + (row + offs_g[:, None]).to(tl.int64) * D + offs_d[None, :], acc,
-           mask=gmask[:, None] & dmask[None, :])
+
+@triton.jit
+def _duo_decode_kernel(Q, K, V, QPOS, KVLEN, SK, SV, SPOS, KN, VN, NVALID, OP, MP, LP,
+                       SQB: tl.constexpr, SQH: tl.constexpr, SQG: tl.constexpr,
+                       SKB: tl.constexpr, SKS: tl.constexpr, SKH: tl.constexpr,
+                       SSB: tl.constexpr, SSW: tl.constexpr, SSH: tl.constexpr,
+                       SNB: tl.constexpr, SNH: tl.constexpr,
+                       HR: tl.constexpr, HS: tl.constexpr, W: tl.constexpr,
+                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                       NS: tl.constexpr, BLOCK_N: tl.constexpr, SBLOCK_N: tl.constexpr,
+                       SINK: tl.constexpr, RECENT: tl.constexpr, QK_SCALE: tl.constexpr,
+                       IEEE: tl.constexpr):
+  """One launch for a DuoAttention layer: programs [0, NS * HR) are the retrieval
+  heads' splits over the full cache, programs [NS * HR, NS * HR + HS) the streaming
+  heads over sink + ring + the new token. All write partials; `_combine_kernel`
+  (with HR) merges them into the layer's whole output, so no concatenation follows."""
+  pid = tl.program_id(0)
+  b = tl.program_id(1)
+  m_i = tl.full([GP], float("-inf"), tl.float32)
+  l_i = tl.zeros([GP], tl.float32)
+  acc = tl.zeros([GP, BD], tl.float32)
+  if pid < NS * HR:
+    split = pid % NS
+    h = pid // NS
+    lo, hi = _split_range(QPOS, KVLEN, b, split, NS, BLOCK_N)
+    q = _load_q(Q, b, h, SQB, SQH, SQG, G, GP, D, BD)
+    kp = K + b.to(tl.int64) * SKB + h * SKH + lo.to(tl.int64) * SKS
+    vp = V + b.to(tl.int64) * SKB + h * SKH + lo.to(tl.int64) * SKS
+    m_i, l_i, acc = _scan(q, kp, vp, lo, hi, QPOS, 0, m_i, l_i, acc, SKS, SKS, D, BD, BLOCK_N,
+                          QK_SCALE, IEEE, False, 0, 0)
+    _store_partial(OP, MP, LP, ((b * (HR + HS) + h) * NS + split) * G, m_i, l_i, acc, G, GP, D,
+                   BD)
+  else:
+    hs = pid - NS * HR
+    h = HR + hs
+    qpos = tl.load(QPOS + b)
+    q = _load_q(Q, b, h, SQB, SQH, SQG, G, GP, D, BD)
+    kp = SK + b.to(tl.int64) * SSB + hs * SSH
+    vp = SV + b.to(tl.int64) * SSB + hs * SSH
+    m_i, l_i, acc = _scan(q, kp, vp, 0, W, SPOS + b * W, qpos, m_i, l_i, acc, SSW, SSW, D, BD,
+                          SBLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT)
+    nb = b.to(tl.int64) * SNB + h * SNH
+    m_i, l_i, acc = _add_new_token(q, KN + nb, VN + nb, tl.load(NVALID + b), qpos, m_i, l_i, acc,
+                                   D, BD, QK_SCALE, SINK, RECENT)
+    _store_partial(OP, MP, LP, ((b * (HR + HS) + h) * NS) * G, m_i, l_i, acc, G, GP, D, BD)
 
 
 @triton.jit
 def _combine_kernel(OP, MP, LP, OUT,
                     SOB: tl.constexpr, SOH: tl.constexpr, SOG: tl.constexpr,
-                    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                    NS: tl.constexpr, NSP: tl.constexpr):
-  """Program (g, h, b) merges the NS partials of one query head, all loads at once."""
+                    H: tl.constexpr, HR: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                    BD: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr):
+  """Program (g, h, b) merges the partials of one query head, all loads at once:
+  NS splits for heads h < HR, the single partial (split 0) of a streaming head."""
   g = tl.program_id(0)
   h = tl.program_id(1)
   b = tl.program_id(2)
   offs_s = tl.arange(0, NSP)
   offs_d = tl.arange(0, BD)
-  smask = offs_s < NS
+  smask = offs_s < tl.where(h < HR, NS, 1)
   dmask = offs_d < D
   rows = ((b * H + h) * NS + offs_s) * G + g
   m = tl.load(MP + rows, mask=smask, other=float("-inf"))
@@ -143,62 +250,22 @@ def _stream_decode_kernel(Q, SK, SV, SPOS, KN, VN, QPOS, NVALID, OUT,
   h = tl.program_id(0)
   b = tl.program_id(1)
   qpos = tl.load(QPOS + b)
-  offs_g = tl.arange(0, GP)
-  offs_d = tl.arange(0, BD)
-  offs_n = tl.arange(0, BLOCK_N)
-  dmask = offs_d < D
-  gmask = offs_g < G
-  q = tl.load(Q + b.to(tl.int64) * SQB + h * SQH + offs_g[:, None] * SQG + offs_d[None, :],
-              mask=gmask[:, None] & dmask[None, :], other=0.0)
-  kbase = SK + b.to(tl.int64) * SSB + h * SSH
-  vbase = SV + b.to(tl.int64) * SSB + h * SSH
-
+  q = _load_q(Q, b, h, SQB, SQH, SQG, G, GP, D, BD)
   m_i = tl.full([GP], float("-inf"), tl.float32)
   l_i = tl.zeros([GP], tl.float32)
   acc = tl.zeros([GP, BD], tl.float32)
-  for start in range(0, W, BLOCK_N):
-    n = start + offs_n
-    inb = n < W
-    kpos = tl.load(SPOS + b * W + n, mask=inb, other=1 << 30)
-    dist = qpos - kpos
-    vis = inb & (dist >= 0) & ((kpos < SINK) | (dist < RECENT))
-    k = tl.load(kbase + n[:, None] * SSW + offs_d[None, :], mask=vis[:, None] & dmask[None, :],
-                other=0.0)
-    v = tl.load(vbase + n[:, None] * SSW + offs_d[None, :], mask=vis[:, None] & dmask[None, :],
-                other=0.0)
-    if IEEE:
-      s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-      s = tl.dot(q, tl.trans(k))
-    s = tl.where(vis[None, :], s * QK_SCALE, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-      acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-      acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    m_i = m_new
-
-  # the new token (position qpos, distance 0): visible when the row is real and
-  # the window admits distance 0 (recent >= 1) or it is a sink position.
-  nval = tl.load(NVALID + b)
-  new_vis = (nval > 0) & ((RECENT > 0) | (qpos < SINK))
-  kn = tl.load(KN + b.to(tl.int64) * SNB + h * SNH + offs_d, mask=dmask, other=0.0)
-  vn = tl.load(VN + b.to(tl.int64) * SNB + h * SNH + offs_d, mask=dmask, other=0.0)
-  s_n = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * QK_SCALE
-  s_n = tl.where(new_vis, s_n, float("-inf"))
-  m_new = tl.maximum(m_i, s_n)
-  m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-  alpha = tl.exp2(m_i - m_safe)
-  p_n = tl.exp2(s_n - m_safe)
-  l_i = l_i * alpha + p_n
-  acc = acc * alpha[:, None] + p_n[:, None] * vn.to(tl.float32)[None, :]
+  kp = SK + b.to(tl.int64) * SSB + h * SSH
+  vp = SV + b.to(tl.int64) * SSB + h * SSH
+  m_i, l_i, acc = _scan(q, kp, vp, 0, W, SPOS + b * W, qpos, m_i, l_i, acc, SSW, SSW, D, BD,
+                        BLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT)
+  nb = b.to(tl.int64) * SNB + h * SNH
+  m_i, l_i, acc = _add_new_token(q, KN + nb, VN + nb, tl.load(NVALID + b), qpos, m_i, l_i, acc,
+                                 D, BD, QK_SCALE, SINK, RECENT)
   out = acc / tl.maximum(l_i, 1e-30)[:, None]
+  offs_g = tl.arange(0, GP)
+  offs_d = tl.arange(0, BD)
   tl.store(OUT + b.to(tl.int64) * SQB + h * SQH + offs_g[:, None] * SQG + offs_d[None, :],
-           out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+           out.to(OUT.dtype.element_ty), mask=(offs_g[:, None] < G) & (offs_d[None, :] < D))
 
 
 # -- launch plans (static shapes only) ------------------------------------------------
@@ -231,12 +298,40 @@ def full_decode_plans(q_shape, k_shape, dtype, cfg=None):
            SVS=sk[1], SVH=sk[2], H=h, G=g, GP=gp, D=d, BD=bd, NS=ns, BLOCK_N=cfg["block_n"],
            QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=ieee),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-  combine = Launch(
+  return split, _combine_plan(q_shape, dtype, h, ns)
+
+
+def _combine_plan(q_shape, dtype, n_retrieval, ns):
+  b, _, h, g, d = q_shape
+  sq = strides(q_shape)
+  return Launch(
       _combine_kernel, (g, h, b), ((tuple(q_shape), _dt(dtype)),),
-      dict(SOB=sq[0], SOH=sq[2], SOG=sq[3], H=h, G=g, D=d, BD=max(16, next_pow2(d)),
-           NS=ns, NSP=max(2, next_pow2(ns))),
+      dict(SOB=sq[0], SOH=sq[2], SOG=sq[3], H=h, HR=n_retrieval, G=g, D=d,
+           BD=max(16, next_pow2(d)), NS=ns, NSP=max(2, next_pow2(ns))),
       num_warps=8 if ns * d > 8192 else 4, num_stages=1)
-  return split, combine
+
+
+def duo_decode_plans(q_shape, k_shape, slot_shape, dtype, sink, recent, cfg=None, scfg=None):
+  """q [B, 1, Hr + Hs, G, D]; k, v [B, S, Hr, D]; slot k/v [B, W, Hs, D]; new k/v
+  [B, 1, Hr + Hs, D] -> (fused split launch, combine launch)."""
+  cfg = cfg or DECODE_CONFIG
+  scfg = scfg or STREAM_DECODE_CONFIG
+  b, t, h, g, d = q_shape
+  s, hr = k_shape[1], k_shape[2]
+  w, hs = slot_shape[1], slot_shape[2]
+  assert t == 1 and hr + hs == h and hr > 0 and hs > 0, (q_shape, k_shape, slot_shape)
+  ns = n_splits(b, hr, s, cfg)
+  sq, sk, ss, sn = strides(q_shape), strides(k_shape), strides(slot_shape), strides((b, 1, h, d))
+  split = Launch(
+      _duo_decode_kernel, (ns * hr + hs, b),
+      (((b, h, ns, g, d), "float32"), ((b, h, ns, g), "float32"), ((b, h, ns, g), "float32")),
+      dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], SSB=ss[0],
+           SSW=ss[1], SSH=ss[2], SNB=sn[0], SNH=sn[2], HR=hr, HS=hs, W=w, G=g,
+           GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)), NS=ns,
+           BLOCK_N=cfg["block_n"], SBLOCK_N=scfg["block_n"], SINK=int(sink), RECENT=int(recent),
+           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=_dt(dtype) == "float32"),
+      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+  return split, _combine_plan(q_shape, dtype, hr, ns)
 
 
 def stream_decode_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None):
@@ -284,4 +379,26 @@ def streaming_decode(q, slot_k, slot_v, slot_pos, slot_valid, k, v, q_pos, n_val
   (out,) = plan.jax(q.astype(dt), slot_k, slot_v.astype(dt), slot_positions(slot_pos, slot_valid),
                     k.astype(dt), v.astype(dt), q_pos.astype(jnp.int32),
                     n_valid.astype(jnp.int32))
+  return out.astype(q.dtype)
+
+
+def duo_decode(q, k_cache, v_cache, q_pos, kv_len, slot_k, slot_v, slot_pos, slot_valid, k, v,
+               n_valid, sink, recent):
+  """A DuoAttention layer's whole decode attention in one launch (+ the merge).
+
+  q [B, 1, Hr + Hs, G, D] (retrieval heads first); k/v_cache [B, S, Hr, D] (the
+  new token already written); slot_k/v [B, W, Hs, D] (before it); k, v
+  [B, 1, Hr + Hs, D] the new token's keys/values (the streaming heads' are read
+  from here); q_pos [B, 1]; kv_len, n_valid [B]. Returns [B, 1, Hr + Hs, G, D]:
+  the concatenation of `full_decode` on the leading Hr heads and
+  `streaming_decode` on the rest.
+  """
+  import jax.numpy as jnp
+  dt = k_cache.dtype
+  split, combine = duo_decode_plans(q.shape, k_cache.shape, slot_k.shape, dt, sink, recent)
+  op, mp, lp = split.jax(q.astype(dt), k_cache, v_cache.astype(dt), q_pos.astype(jnp.int32),
+                         kv_len.astype(jnp.int32), slot_k.astype(dt), slot_v.astype(dt),
+                         slot_positions(slot_pos, slot_valid), k.astype(dt), v.astype(dt),
+                         n_valid.astype(jnp.int32))
+  (out,) = combine.jax(op, mp, lp)
   return out.astype(q.dtype)

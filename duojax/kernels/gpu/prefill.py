@@ -27,6 +27,7 @@ import math
 import triton
 import triton.language as tl
 
+from duojax.kernels.gpu import tokamax_chunk
 from duojax.kernels.gpu.decode import LOG2E, _dt, slot_positions
 from duojax.kernels.gpu.launch import Launch, cdiv, next_pow2, strides
 
@@ -236,7 +237,16 @@ def stream_chunk_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None):
 
 def full_chunk(q, k_cache, v_cache, q_pos, kv_len):
   """Retrieval heads: q [B, T, H, G, D] over k/v_cache [B, S, H, D] (slot j =
-  position j); key j visible iff j < kv_len[b] and j <= q_pos[b, t]."""
+  position j); key j visible iff j < kv_len[b] and j <= q_pos[b, t].
+
+  Through tokamax's Mosaic GPU kernel when it is installed and takes the shape
+  (faster on Hopper, see tokamax_chunk.py), else the Triton kernel below."""
+  out = tokamax_chunk.full_chunk(q, k_cache, v_cache, q_pos, kv_len)
+  return out if out is not None else triton_full_chunk(q, k_cache, v_cache, q_pos, kv_len)
+
+
+def triton_full_chunk(q, k_cache, v_cache, q_pos, kv_len):
+  """`full_chunk` through our Triton kernel, whatever is installed."""
   import jax.numpy as jnp
   dt = k_cache.dtype  # computed in the cache's dtype (a cast of q is cheap, of the cache not)
   plan = full_chunk_plan(q.shape, k_cache.shape, dt)
