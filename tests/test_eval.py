@@ -112,6 +112,52 @@ def test_baseline_masks():
     M.build_methods([M.Method("duo", 0.5)], CFG, None)
 
 
+def test_methods_with_pattern_sources_and_compensation(tmp_path):
+  ms = M.parse_methods("full,duo,razor,rscore,random,duo+comp,streaming+comp", "0.5",
+                       sources=("razor", "rscore"))
+  assert [m.name for m in ms] == ["full", "duo@0.5", "razor@0.5", "rscore@0.5", "random@0.5",
+                                  "duo@0.5+comp", "streaming+comp"]
+  assert ms[2] == M.Method("duo", 0.5, "razor") and ms[5].compensation and ms[5].source is None
+  assert M.parse_methods("retrieval-score@0.25", sources=["rscore"])[0].name == "rscore@0.25"
+  assert M.parse_methods("razor@0.75+comp", sources=["razor"])[0] == M.Method(
+      "duo", 0.75, "razor", True)
+  folder = tmp_path / "pat"
+  folder.mkdir()
+  assert M.parse_methods(f"{folder}@0.5")[0] == M.Method("duo", 0.5, str(folder))
+  with pytest.raises(ValueError, match="--patterns razor=DIR .*identify razor"):
+    M.parse_methods("razor")
+  with pytest.raises(ValueError, match="kinds are"):
+    M.parse_methods("razr", sources=["razor"])
+  with pytest.raises(ValueError, match="full attention streams no head"):
+    M.parse_methods("full+comp")
+  with pytest.raises(ValueError, match="only suffix"):
+    M.parse_methods("duo+fast")
+  assert M.parse_named_patterns("razor=a, retrieval-score=b") == {"razor": "a", "rscore": "b"}
+  for bad in ("razor", "duo=x", "a@b=x", "=x"):
+    with pytest.raises(ValueError, match="--patterns"):
+      M.parse_named_patterns(bad)
+
+
+def test_build_named_patterns(tmp_path):
+  duo = random_pattern(CFG.num_layers, CFG.num_kv_heads, seed=5)
+  razor = random_pattern(CFG.num_layers, CFG.num_kv_heads, seed=6)
+  razor.save(tmp_path / "razor")
+  ms = [M.Method("duo", 0.5), M.Method("duo", 0.5, "razor"), M.Method("duo", 0.5, "razor", True),
+        M.Method("duo", 0.5, str(tmp_path / "razor")), M.Method("streaming", compensation=True)]
+  built = M.build_methods(ms, CFG, duo, sink=4, recent=8, patterns={"razor": razor})
+  want = razor.with_settings(sink=4, recent=8).binarize(sparsity=0.5)
+  assert built[0].mask == duo.with_settings(sink=4, recent=8).binarize(sparsity=0.5)
+  assert built[1].mask == built[2].mask == built[3].mask == want != built[0].mask
+  assert built[2].describe()["compensation"] is True and built[2].describe()["source"] == "razor"
+  assert built[4].mask.retrieval_fraction == 0.0
+  # the named patterns alone suffice when plain duo is not asked for
+  assert M.build_methods(ms[1:2], CFG, None, patterns={"razor": razor})[0].mask is not None
+  with pytest.raises(ValueError, match="--patterns rscore=DIR"):
+    M.build_methods([M.Method("duo", 0.5, "rscore")], CFG, duo)
+  with pytest.raises(ValueError, match="compensation token needs streaming heads"):
+    M.build_methods([M.Method("full", compensation=True)], CFG, None)
+
+
 def test_bad_input(hay, tok):
   with pytest.raises(ValueError, match="answer is empty"):
     NeedleTask(answer="  ")
@@ -234,6 +280,29 @@ def test_generation_matches_engine(params, kind):
   assert ours == [[t for t in r if t not in CFG.eos_token_ids] for r in ref]
 
 
+def test_generation_with_compensation_matches_engine(params):
+  """+comp methods run the compensation cache, exactly as engine.generate does."""
+  from duojax.engine import generate
+  mask = _duo_mask()
+  p = llama.apply_head_mask(params, mask)
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(3, 127, size=n).tolist() for n in (70, 45)]
+  gen = GenSettings.for_lengths(70, CFG, max_new_tokens=6, prefill_chunk=32, batch_size=2,
+                                compensation=True)
+  ours = greedy_generate(p, CFG, prompts, mask, gen)
+  ref = generate(p, CFG, prompts, 6, mask, prefill_chunk=32, compensation=True).tokens
+  assert ours == [[t for t in r if t not in CFG.eos_token_ids] for r in ref]
+  # and perplexity's prefill path agrees with the engine's logits
+  from duojax.engine import forward_logits
+  win = np.asarray([prompts[0][:64]], np.int32)
+  nll = ppl.token_nll(p, CFG, win, mask, chunk=16, compensation=True)
+  lg = forward_logits(p, CFG, [prompts[0][:64]], mask, chunk=32, compensation=True)[0]
+  ref = -jax.nn.log_softmax(lg[:-1])[np.arange(63), win[0, 1:]]
+  np.testing.assert_allclose(nll[0], ref, rtol=1e-4, atol=1e-4)
+  plain = ppl.token_nll(p, CFG, win, mask, chunk=16)
+  assert not np.allclose(nll, plain)  # 64 tokens > sink 4 + recent 8: tokens were dropped
+
+
 def test_ppl_matches_logits_and_chunking(params, hay):
   from duojax.engine import forward_logits
   windows = np.stack([hay.take(96, 0), hay.take(96, 200)])
@@ -306,6 +375,23 @@ def test_cli_end_to_end(ckpt, capsys):
   q = json.loads((d / "q.json").read_text())
   assert set(q["results"]) == {"full", "duo@0.5"} and len(q["results"]["full"]["bands"]) == 2
   assert "ppl" in capsys.readouterr().out
+
+
+def test_cli_named_patterns_and_compensation(ckpt, capsys):
+  d = ckpt
+  rc = _cli("passkey", "--ckpt", str(d / "ck"), "--haystack", str(d / "hay.txt"), "--sink", "4",
+            "--recent", "16", "--prefill-chunk", "64", "--attention", "duo,razor,duo+comp",
+            "--pattern", str(d / "pat"), "--patterns", f"razor={d / 'pat'}", "--sparsity",
+            "0.5", "--lengths", "250", "--depths", "1", "--no-chat", "--max-new-tokens", "3",
+            "--out", str(d / "c.json"))
+  assert rc == 0, capsys.readouterr().err
+  doc = json.loads((d / "c.json").read_text())
+  assert [m["name"] for m in doc["methods"]] == ["duo@0.5", "razor@0.5", "duo@0.5+comp"]
+  assert doc["settings"]["patterns"] == {"razor": str(d / "pat")}
+  assert [m["compensation"] for m in doc["methods"]] == [False, False, True]
+  rc = _cli("passkey", "--ckpt", str(d / "ck"), "--haystack", str(d / "hay.txt"),
+            "--attention", "razor", "--out", str(d / "e.json"))
+  assert rc == 2 and "--patterns razor=DIR" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, msg", [

@@ -223,6 +223,16 @@ def test_backend_registration():
                       "dense_causal", "dense_streaming"}
 
 
+def test_unsupported_chips_and_unavailable_backends_get_clear_errors():
+  from duojax.kernels.tpu import chip_supported
+  assert not chip_supported("TPU v2") and not chip_supported("TPU v3")
+  assert all(chip_supported(k) for k in ("TPU v4", "TPU v5 lite", "TPU v5p", "TPU v6 lite"))
+  if not ON_TPU:
+    with pytest.raises(dispatch.BackendUnavailable, match="not a TPU.*--backend auto"):
+      dispatch.resolve_backend("tpu")
+  assert dispatch.resolve_backend("tpu-interpret") == "tpu-interpret"
+
+
 def test_xla_dense_ops_are_the_reference():
   rng = np.random.default_rng(7)
   q = _randn(rng, (2, 9, 2, 2, 8), jnp.float32)

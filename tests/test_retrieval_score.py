@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from duojax.attention.reference import dense_attention
 from duojax.config import tiny_config
@@ -118,3 +119,28 @@ def _tiny_hf_tokenizer():
   t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
   return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>",
                                  eos_token="</s>")
+
+
+def test_identify_several_needles_from_an_offset(tmp_path):
+  """The library entry point: every needle x length x depth, batches of one length,
+  prompts cut from the haystack at `offset`, the log and metadata saying which is which."""
+  from duojax.data.haystack import HaystackTokens
+  from duojax.data.niah import NeedleTask
+  tok = _tiny_hf_tokenizer()
+  hay = HaystackTokens(" ".join(f"SENTENCE {i} IS ABOUT THE {i % 7} THING." for i in range(300)),
+                       tok, line_breaks=False)
+  tasks = [NeedleTask("THE KEY IS RED.", "WHAT IS THE KEY?", "RED"),
+           NeedleTask("THE DOOR IS BLUE.", "WHAT IS THE DOOR?", "BLUE")]
+  cases = rs.build_cases(hay, tok, tasks[0], [200], [1.0], chat=False, offset=500)
+  np.testing.assert_array_equal(cases[0][2][:100], hay.take(100, 500))
+  pat, results = rs.identify(random_params(CFG, 1, 0.3), CFG, tok, hay, tmp_path, tasks=tasks,
+                             lengths=[300, 200, 300], depths=2, chat=False, offset=500,
+                             max_new_tokens=3, min_recall=-1, sparsity=0.5, progress=False)
+  log = json.loads((tmp_path / "tests.json").read_text())
+  assert [(r["needle"], r["length"]) for r in log] == [(0, 200)] * 2 + [(0, 300)] * 2 + [
+      (1, 200)] * 2 + [(1, 300)] * 2
+  assert len(results) == 8 and pat.metadata["n_counted"] == 8
+  assert pat.metadata["offset"] == 500 and len(pat.metadata["needles"]) == 2
+  assert pat.shape == (2, 2) and (tmp_path / "retrieval_scores.json").is_file()
+  with pytest.raises(rs.ScoreError, match="do not fit"):
+    rs.identify(None, CFG, tok, hay, tmp_path, lengths=[300], offset=len(hay) - 100)

@@ -36,7 +36,12 @@ _BACKENDS: dict[str, dict[str, Callable]] = {
     }
 }
 # Backends whose module registers them on import; `auto` tries them in order.
-_LAZY = {"gpu": "duojax.kernels.gpu", "tpu": "duojax.kernels.tpu"}
+_LAZY = {"gpu": "duojax.kernels.gpu", "tpu": "duojax.kernels.tpu",
+         "tpu-interpret": "duojax.kernels.tpu"}
+
+
+class BackendUnavailable(RuntimeError, ValueError):
+  """A known backend that cannot run here (no such device, a missing package)."""
 
 
 def register_backend(name: str, ops: dict[str, Callable]) -> None:
@@ -49,17 +54,24 @@ def available_backends() -> list[str]:
     try:
       _load(name)
       names.append(name)
-    except (ImportError, RuntimeError):
+    except BackendUnavailable:
       pass
   return names
 
 
 def _load(name: str):
+  why = ""
   if name not in _BACKENDS and name in _LAZY:
     import importlib
-    importlib.import_module(_LAZY[name])  # registers itself
+    try:
+      module = importlib.import_module(_LAZY[name])  # registers itself
+      why = f": {module.UNAVAILABLE[name]}" if name in getattr(module, "UNAVAILABLE", {}) else ""
+    except (ImportError, RuntimeError) as e:
+      why = f": {e}"
   if name not in _BACKENDS:
-    raise RuntimeError(f"attention backend {name!r} is not available here")
+    raise BackendUnavailable(f"attention backend {name!r} is not available here{why}; "
+                             "--backend auto picks the best one this machine has, xla runs "
+                             "everywhere")
   return _BACKENDS[name]
 
 
@@ -77,7 +89,7 @@ def resolve_backend(name: str = "auto") -> str:
     try:
       _load(want)
       return want
-    except (ImportError, RuntimeError):
+    except BackendUnavailable:
       pass
   return "xla"
 

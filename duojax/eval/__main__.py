@@ -9,6 +9,11 @@
 --attention takes a comma list; duo and random expand over every --sparsity
 value (or pin one: duo@0.75). With no --ckpt the embedded SmolLM2-135M-Instruct
 is used; duo then takes --pattern, else the checkpoint's or the shipped pattern.
+Other patterns compete under their own names, and `+comp` adds the
+compensation token (see duojax/eval/methods.py):
+
+  python -m duojax.eval niah --attention full,duo,razor,rscore,random,duo+comp \
+      --sparsity 0.5 --patterns razor=runs/razor,rscore=runs/rscore --out cmp.json
 """
 
 from __future__ import annotations
@@ -27,8 +32,12 @@ TASKS = ("niah", "passkey", "ppl")
 def _common(ap: argparse.ArgumentParser, lengths: str) -> None:
   ap.add_argument("--ckpt", default=None, help="checkpoint folder or embedded name (smollm2-135m)")
   ap.add_argument("--attention", default="full",
-                  help="comma list of full, duo, streaming, random (duo@S pins a sparsity)")
+                  help="comma list of full, duo, streaming, random or a --patterns name "
+                       "(duo@S pins a sparsity, duo+comp adds the compensation token)")
   ap.add_argument("--pattern", default=None, help="head-pattern folder for duo")
+  ap.add_argument("--patterns", default=None,
+                  help="more patterns to compare, NAME=DIR[,NAME=DIR] (e.g. razor=DIR); "
+                       "--attention then names them like duo")
   ap.add_argument("--sparsity", default=None,
                   help="streaming fraction for duo/random; a comma list compares several")
   ap.add_argument("--sink", type=int, default=None, help="sink tokens of streaming heads (64)")
@@ -85,8 +94,10 @@ def _run(a) -> dict:
   from duojax.attention.dispatch import resolve_backend
   from duojax.data.niah import NeedleTask
   from duojax.eval import grid, harness, plots, ppl
-  from duojax.eval.methods import build_methods, parse_methods
-  methods = parse_methods(a.attention, a.sparsity)
+  from duojax.eval.methods import build_methods, parse_methods, parse_named_patterns
+  from duojax.pattern import load_any
+  named = parse_named_patterns(a.patterns)
+  methods = parse_methods(a.attention, a.sparsity, sources=named)
   lengths = grid.parse_lengths(a.lengths)
   depths = grid.parse_depths(a.depths) if a.task != "ppl" else None
   needle = None
@@ -97,7 +108,8 @@ def _run(a) -> dict:
                         a.answer if a.answer is not None else base.answer)
   progress = not a.no_progress
   model = harness.load_eval_model(a.ckpt, a.pattern, a.dtype, progress=progress)
-  built = build_methods(methods, model.config, model.pattern, a.sink, a.recent, a.seed)
+  loaded = {n: load_any(d) for n, d in named.items()}
+  built = build_methods(methods, model.config, model.pattern, a.sink, a.recent, a.seed, loaded)
   hay, hay_path = harness.load_haystack_tokens(a.haystack, model.tokenizer)
   backend = resolve_backend(a.backend)
   if a.task == "ppl":
@@ -105,7 +117,8 @@ def _run(a) -> dict:
                        a.samples or 2, lengths[:-1], a.prefill_chunk, backend, progress=progress)
     doc["settings"] = {"ckpt": model.name or str(model.ckpt), "haystack": hay_path,
                        "dtype": model.dtype, "pattern": model.pattern_source,
-                       "device": harness.device_info(), "prefill_chunk": a.prefill_chunk}
+                       "device": harness.device_info(), "prefill_chunk": a.prefill_chunk,
+                       "patterns": named}
     if a.plot:
       plots.ppl_bands(doc, a.plot)
   else:
@@ -115,7 +128,7 @@ def _run(a) -> dict:
         a.task, model, hay, built, lengths, depths, a.chat, gen_kw, a.samples or 1, a.seed,
         a.offset, needle=needle, variant=getattr(a, "variant", "numeric"),
         num_keys=getattr(a, "num_keys", 4), key_words=getattr(a, "key_words", 4),
-        progress=progress, extra_settings={"haystack": hay_path})
+        progress=progress, extra_settings={"haystack": hay_path, "patterns": named})
     if a.plot:
       metric = doc["plot_metric"]
       plots.heatmaps(doc["summary"][metric], a.plot, f"{a.task} ({model.config.name})",

@@ -28,6 +28,9 @@ class GenSettings:
   batch_size: int = 10
   capacity: int = 8192  # KV slots per row: longest prompt + max_new_tokens, rounded up
   backend: str = "xla"
+  # Streaming heads keep the compensation token: it changes the cache's structure,
+  # so it keys the compile like the shapes do (run_grid sets it per method).
+  compensation: bool = False
 
   @classmethod
   def for_lengths(cls, longest: int, config: ModelConfig, **kw) -> "GenSettings":
@@ -60,7 +63,8 @@ def greedy_generate(params, config: ModelConfig, prompts: list[list[int]], mask,
   if tokens.shape[1] + s.max_new_tokens > s.capacity:
     raise InputError(f"a prompt of {int(lengths.max())} tokens does not fit the cache of "
                      f"{s.capacity} slots set for this run")
-  cache = kvc.init_cache(config, s.batch_size, s.capacity, mask, dtype or params["embed"].dtype)
+  cache = kvc.init_cache(config, s.batch_size, s.capacity, mask, dtype or params["embed"].dtype,
+                         s.compensation and mask is not None)
   last, cache, _ = prefill(params, config, tokens, lengths, cache, s.prefill_chunk, s.backend)
   eos = tuple(config.eos_token_ids)
   out, _, _ = decode(params, config, cache, last, jax.random.PRNGKey(0), s.max_new_tokens,

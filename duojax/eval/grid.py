@@ -155,9 +155,10 @@ def run_grid(params, config, tokenizer, cells: list[Cell], methods: list[BuiltMe
   for bm in methods:
     t0 = time.perf_counter()
     p = params if bm.mask is None else llama.apply_head_mask(params, bm.mask)
+    g = dataclasses.replace(gen, compensation=bm.method.compensation)
     for batch in batches:
       bar.set_postfix_str(f"{bm.method.name} {cells[batch[0]].length} tok")
-      outs = greedy_generate(p, config, [cells[i].prompt for i in batch], bm.mask, gen, dtype)
+      outs = greedy_generate(p, config, [cells[i].prompt for i in batch], bm.mask, g, dtype)
       rows = []
       for i, ids in zip(batch, outs):
         c = cells[i]

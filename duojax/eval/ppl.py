@@ -53,10 +53,11 @@ def _nll_step(params, config, tokens, targets, cache, n_valid, backend):
 
 
 def token_nll(params, config: ModelConfig, windows: np.ndarray, mask, chunk: int,
-              backend: str = "xla", dtype=None) -> np.ndarray:
+              backend: str = "xla", dtype=None, compensation: bool = False) -> np.ndarray:
   """windows int32 [B, T] -> nll [B, T - 1]: -log p(x[t+1] | x[:t+1]).
 
-  params must be reordered for `mask`.
+  params must be reordered for `mask`; compensation: streaming heads keep the
+  compensation token.
   """
   b, t = windows.shape
   chunk = min(chunk, round_up(t, 16))
@@ -65,7 +66,8 @@ def token_nll(params, config: ModelConfig, windows: np.ndarray, mask, chunk: int
   tokens[:, :t] = windows
   targets = np.zeros_like(tokens)
   targets[:, :t - 1] = windows[:, 1:]
-  cache = kvc.init_cache(config, b, padded, mask, dtype or params["embed"].dtype)
+  cache = kvc.init_cache(config, b, padded, mask, dtype or params["embed"].dtype,
+                         compensation and mask is not None)
   out = []
   for c0 in range(0, padded, chunk):
     n_valid = jnp.full((b,), max(0, min(chunk, t - c0)), jnp.int32)
@@ -98,7 +100,8 @@ def evaluate(params, config: ModelConfig, hay: HaystackTokens, methods: list[Bui
   for bm in tqdm(methods, desc="ppl", unit="method", disable=not progress):
     t0 = time.perf_counter()
     p = params if bm.mask is None else llama.apply_head_mask(params, bm.mask)
-    nll = token_nll(p, config, windows, bm.mask, chunk, backend, dtype).astype(np.float64)
+    nll = token_nll(p, config, windows, bm.mask, chunk, backend, dtype,
+                    bm.method.compensation).astype(np.float64)
     del p
     seconds[bm.method.name] = round(time.perf_counter() - t0, 2)
     rows[bm.method.name] = {

@@ -36,7 +36,9 @@ def duo_parser() -> argparse.ArgumentParser:
   ap.add_argument("--mesh", default=None, help="data=N: data-parallel devices (default: all)")
   ap.add_argument("--distributed", action="store_true",
                   help="call jax.distributed.initialize() first (multi-host)")
-  ap.add_argument("--backend", default="xla", help="attention backend for training")
+  ap.add_argument("--backend", default="auto",
+                  help="attention backend for training: auto (tpu on a TPU: splash kernels with "
+                       "their backward; elsewhere the XLA reference), xla, tpu")
   ap.add_argument("--sparsity", type=float, default=None,
                   help="record this binarisation in the pattern (default 0.5 GQA / 0.75 MHA)")
   ap.add_argument("--set-default", action="store_true",
@@ -94,7 +96,9 @@ def run_duo(argv) -> int:
     tok = store.load_tokenizer(folder)
     hay = HaystackTokens(load_haystack(job["haystack"]), tok, line_breaks=False)
     out = Path(job["out"])
-    state = duo.train_gates(params, config, tok, hay, cfg, out, mesh, a.resume, a.backend)
+    from duojax.attention.dispatch import resolve_backend
+    state = duo.train_gates(params, config, tok, hay, cfg, out, mesh, a.resume,
+                            resolve_backend(a.backend))
     gates = np.asarray(state.gates)
     sparsity = job["sparsity"] if job["sparsity"] is not None else default_sparsity(config)
     meta = {"model": config.name, "method": "duo", "data": str(job["haystack"]), "seed": cfg.seed,

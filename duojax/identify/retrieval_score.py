@@ -197,19 +197,88 @@ def chat_frame(tokenizer) -> tuple[list[int], list[int]]:
   return enc(before), enc(after)
 
 
-def build_cases(hay, tokenizer, task, lengths: list[int], depths: list[float], chat: bool = True):
+def build_cases(hay, tokenizer, task, lengths: list[int], depths: list[float], chat: bool = True,
+                offset: int = 0):
   """[(length, depth, prompt ids [length], needle span)]; with chat the template
-  wraps haystack + question (instruct models answer nothing otherwise)."""
+  wraps haystack + question (instruct models answer nothing otherwise). The
+  haystack starts at token `offset` (keep it away from evaluation prompts)."""
   from duojax.data.niah import build_niah_prompt
   head, tail = chat_frame(tokenizer) if chat else ([], [])
   cases = []
   for length in lengths:
     for depth in depths:
       ids, (a, b) = build_niah_prompt(hay, tokenizer, task, length - len(head) - len(tail), depth,
+                                      offset=offset,
                                       question_template=CHAT_QUESTION if chat else PLAIN_QUESTION)
       prompt = np.concatenate([np.asarray(head, np.int32), ids, np.asarray(tail, np.int32)])
       cases.append((length, depth, prompt, (a + len(head), b + len(head))))
   return cases
+
+
+def identify(params, config: ModelConfig, tokenizer, hay, out, *, tasks=None,
+             lengths=(1000, 2000, 4000), depths: int = 5, chat: bool = True, offset: int = 0,
+             max_new_tokens: int = 32, min_recall: float = 0.5, threshold: float | None = None,
+             sparsity: float | None = None, batch: int = 8, prefill_chunk: int = 1024,
+             sink: int = 64, recent: int = 256, progress: bool = True, haystack_name=None):
+  """Run the NIAH tests and build the pattern -> (HeadPattern, [NeedleResult]).
+
+  tasks: NeedleTasks to hide (default the one of `NeedleTask()`); each runs
+  every length x depth. Writes `tests.json` and `retrieval_scores.json` into
+  `out` (the pattern itself is the caller's to save). Raises ScoreError when
+  no test was answered right, since the scores are then undefined.
+  """
+  from duojax.data.niah import NeedleTask, depth_grid
+  from duojax.identify.imports import retrieval_score_pattern
+  tasks = list(tasks or [NeedleTask()])
+  lengths = sorted({int(n) for n in lengths})
+  if depths < 1 or max_new_tokens < 1 or batch < 1 or min(lengths) < 16:
+    raise ScoreError("--depths, --max-new-tokens and --batch-size must be >= 1 and every "
+                     "--lengths entry >= 16")
+  if max(lengths) + max_new_tokens > config.max_position_embeddings:
+    raise ScoreError(f"--lengths up to {max(lengths)} + {max_new_tokens} new tokens exceed "
+                     f"the model's context of {config.max_position_embeddings}")
+  if offset + max(lengths) > len(hay):
+    raise ScoreError(f"the haystack has {len(hay)} tokens; prompts of {max(lengths)} from "
+                     f"offset {offset} do not fit: lower the offset or the lengths")
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  from tqdm.auto import tqdm
+  bar = tqdm(total=len(tasks) * len(lengths) * depths, desc="retrieval-score", unit="test",
+             disable=not progress, file=sys.stderr)
+  results, log = [], []
+  for i, task in enumerate(tasks):
+    cases = build_cases(hay, tokenizer, task, lengths, depth_grid(depths), chat, offset)
+    # One length per batch: a short prompt padded to a long one costs as much as the long one.
+    for length in lengths:
+      bar.set_postfix_str(f"needle {i + 1}/{len(tasks)}, {length} tok")
+      group = [c for c in cases if c[0] == length]
+      part = run_tests(params, config, tokenizer, group, task.answer, max_new_tokens,
+                       min_recall, batch, prefill_chunk)
+      results += part
+      log += [{"needle": i, "length": r.length, "depth": round(r.depth, 4),
+               "needle_span": list(r.needle_span), "output": r.output,
+               "recall": round(r.recall, 4), "counted": r.counted} for r in part]
+      bar.update(len(group))
+  bar.close()
+  (out / "tests.json").write_text(json.dumps(log, indent=1) + "\n")
+  n_counted = sum(r.counted for r in results)
+  if n_counted == 0:
+    raise ScoreError(f"no test was answered right (0 of {len(results)}; see "
+                     f"{out / 'tests.json'}), so the scores are undefined; use shorter "
+                     "--lengths or another model")
+  score_file = out / "retrieval_scores.json"
+  score_file.write_text(json.dumps(scores_json(results, config.num_layers, config.num_heads)))
+  pat = retrieval_score_pattern(score_file, config.num_kv_heads, threshold=threshold,
+                                sparsity=sparsity, sink=sink, recent=recent,
+                                model_name=config.name)
+  pat.metadata.update({
+      "identified_by": "duojax.identify.retrieval_score", "haystack": haystack_name,
+      "needles": [t.needle for t in tasks], "chat": chat, "lengths": lengths, "depths": depths,
+      "offset": offset, "max_new_tokens": max_new_tokens, "min_recall": min_recall,
+      "n_tests": len(results), "n_counted": n_counted})
+  if len(tasks) == 1:
+    pat.metadata["needle"] = tasks[0].needle  # the key older patterns carry
+  return pat, results
 
 
 # -- CLI ----------------------------------------------------------------------------------
@@ -243,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrieval iff KV-head score > threshold (default 0.1)")
   sel.add_argument("--sparsity", type=float, default=None, help="fraction of KV heads that stream")
   ap.add_argument("--batch-size", type=int, default=8, help="tests decoded together")
+  ap.add_argument("--offset", type=int, default=0,
+                  help="haystack token where prompts start (keep away from evaluation prompts)")
   ap.add_argument("--prefill-chunk", type=int, default=1024)
   ap.add_argument("--sink", type=int, default=64, help="recorded streaming sink")
   ap.add_argument("--recent", type=int, default=256, help="recorded recent window")
@@ -257,8 +328,6 @@ def main(argv=None) -> int:
   from duojax.checkpoint.embedded import resolve_checkpoint
   from duojax.checkpoint.hf import CheckpointError
   from duojax.data.haystack import HaystackTokens, load_haystack
-  from duojax.data.niah import NeedleTask, depth_grid
-  from duojax.identify.imports import retrieval_score_pattern
   from duojax.pattern import PatternError
   prog = "duojax.identify retrieval-score"
   try:
@@ -267,38 +336,18 @@ def main(argv=None) -> int:
                        "--lengths entry >= 16")
     folder = resolve_checkpoint(a.ckpt, progress=not a.no_progress)
     config = store.load_config(folder)
-    if max(a.lengths) + a.max_new_tokens > config.max_position_embeddings:
-      raise ScoreError(f"--lengths up to {max(a.lengths)} + {a.max_new_tokens} new tokens exceed "
-                       f"the model's context of {config.max_position_embeddings}")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[a.dtype]
     params = store.load_params(folder, dtype=dtype)
     tok = store.load_tokenizer(folder)
-    task = NeedleTask()
     hay = HaystackTokens(load_haystack(a.haystack), tok, line_breaks=False)
-    cases = build_cases(hay, tok, task, a.lengths, depth_grid(a.depths), a.chat)
-    results = run_tests(params, config, tok, cases, task.answer, a.max_new_tokens, a.min_recall,
-                        a.batch_size, a.prefill_chunk, progress=not a.no_progress)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = [{"length": r.length, "depth": round(r.depth, 4), "needle_span": list(r.needle_span),
-            "output": r.output, "recall": round(r.recall, 4), "counted": r.counted}
-           for r in results]
-    (out / "tests.json").write_text(json.dumps(log, indent=1) + "\n")
-    n_counted = sum(r.counted for r in results)
-    if n_counted == 0:
-      raise ScoreError(f"no test was answered right (0 of {len(results)}; see "
-                       f"{out / 'tests.json'}), so the scores are undefined; use shorter "
-                       "--lengths or another model")
-    score_file = out / "retrieval_scores.json"
-    score_file.write_text(json.dumps(scores_json(results, config.num_layers, config.num_heads)))
-    pat = retrieval_score_pattern(score_file, config.num_kv_heads, threshold=a.threshold,
-                                  sparsity=a.sparsity, sink=a.sink, recent=a.recent,
-                                  model_name=config.name)
-    pat.metadata.update({
-        "identified_by": "duojax.identify.retrieval_score", "haystack": str(a.haystack),
-        "needle": task.needle, "chat": a.chat, "lengths": a.lengths, "depths": a.depths,
-        "max_new_tokens": a.max_new_tokens, "min_recall": a.min_recall,
-        "n_tests": len(results), "n_counted": n_counted})
+    pat, results = identify(
+        params, config, tok, hay, out, lengths=a.lengths, depths=a.depths, chat=a.chat,
+        offset=a.offset, max_new_tokens=a.max_new_tokens, min_recall=a.min_recall,
+        threshold=a.threshold, sparsity=a.sparsity, batch=a.batch_size,
+        prefill_chunk=a.prefill_chunk, sink=a.sink, recent=a.recent,
+        progress=not a.no_progress, haystack_name=str(a.haystack))
+    n_counted = pat.metadata["n_counted"]
     pat.save(out, overwrite=True)
   except (ScoreError, CheckpointError, PatternError, ValueError) as e:
     print(f"{prog}: error: {e}", file=sys.stderr)

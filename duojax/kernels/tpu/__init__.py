@@ -14,6 +14,7 @@ The ops are also importable directly, each taking `interpret=`:
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 
@@ -35,6 +36,23 @@ def ops(interpret: bool = False) -> dict:
   return {name: functools.partial(fn, interpret=interpret) for name, fn in _OPS.items()}
 
 
+# Why "tpu" is not registered on this machine (dispatch names it in its error).
+UNAVAILABLE: dict[str, str] = {}
+
+
+def chip_supported(device_kind: str) -> bool:
+  """TPU v2 and v3 are out: Mosaic rejects the kernels' bf16 matmul operands there (JAX's
+  own splash attention too), and in fp32 the retrieval-head kernels outgrow their 16 MiB
+  of VMEM (checked by compiling ahead of time with libtpu)."""
+  return re.match(r"TPU v[23]\b", device_kind) is None
+
+
 dispatch.register_backend("tpu-interpret", ops(interpret=True))
 if jax.default_backend() == "tpu":
-  dispatch.register_backend("tpu", ops())
+  kind = jax.devices()[0].device_kind
+  if chip_supported(kind):
+    dispatch.register_backend("tpu", ops())
+  else:
+    UNAVAILABLE["tpu"] = f"the Pallas TPU kernels need TPU v4 or later, this is {kind}"
+else:
+  UNAVAILABLE["tpu"] = f"JAX runs on {jax.default_backend()!r}, not a TPU"
