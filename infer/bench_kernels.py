@@ -110,6 +110,20 @@ def rand(key, shape, dtype=jnp.bfloat16):
 
 # -- decode -----------------------------------------------------------------------------
 
+def time_decode_ops(row, ops, call, q, sets, copy):
+  """Chain-times each op (call(op) -> fn(q, *bufset)) into row: us, GB/s of row["bytes"],
+  fraction of the copy bandwidth, or the error (e.g. the XLA reference out of memory)."""
+  for name, op in ops.items():
+    try:
+      s = chain_time(call(op), q, sets)
+      row[f"{name}_us"] = s * 1e6
+      row[f"{name}_GBps"] = row["bytes"] / s / 1e9
+      row[f"{name}_frac_copy"] = row[f"{name}_GBps"] / copy
+    except Exception as e:  # noqa: BLE001
+      row[f"{name}_error"] = repr(e)[:300]
+  return row
+
+
 def bench_full_decode(ops, b, h, g, d, ctx, copy):
   kv_bytes = 2 * b * ctx * h * d * 2
   sets = [(rand(2 * i + 1, (b, ctx, h, d)), rand(2 * i + 2, (b, ctx, h, d)))
@@ -119,15 +133,7 @@ def bench_full_decode(ops, b, h, g, d, ctx, copy):
   qpos = (lens - 1)[:, None]
   row = {"kernel": "full_decode", "B": b, "H": h, "G": g, "D": d, "ctx": ctx,
          "bytes": kv_bytes + 2 * q.size * 2}
-  for name, op in ops.items():
-    f = lambda q, k, v, op=op: op(q, k, v, qpos, lens)
-    try:
-      s = chain_time(f, q, sets)
-      row[f"{name}_us"] = s * 1e6
-      row[f"{name}_GBps"] = row["bytes"] / s / 1e9
-      row[f"{name}_frac_copy"] = row[f"{name}_GBps"] / copy
-    except Exception as e:  # noqa: BLE001 - e.g. the XLA reference out of memory
-      row[f"{name}_error"] = repr(e)[:300]
+  time_decode_ops(row, ops, lambda op: lambda q, k, v: op(q, k, v, qpos, lens), q, sets, copy)
   del sets
   return row
 
@@ -145,14 +151,8 @@ def bench_stream_decode(ops, b, h, g, d, sink, recent, copy):
   nv = jnp.ones((b,), jnp.int32)
   row = {"kernel": "streaming_decode", "B": b, "H": h, "G": g, "D": d, "ctx": w,
          "bytes": nbytes}
-  for name, op in ops.items():
-    f = lambda q, sk, sv, k, v, op=op: op(q, sk, sv, pos, valid, k, v, start[:, None], nv, sink,
-                                          recent)
-    s = chain_time(f, q, sets)
-    row[f"{name}_us"] = s * 1e6
-    row[f"{name}_GBps"] = nbytes / s / 1e9
-    row[f"{name}_frac_copy"] = row[f"{name}_GBps"] / copy
-  return row
+  return time_decode_ops(row, ops, lambda op: lambda q, sk, sv, k, v: op(
+      q, sk, sv, pos, valid, k, v, start[:, None], nv, sink, recent), q, sets, copy)
 
 
 def bench_duo_decode(ops, b, hr, hs, g, d, ctx, sink, recent, copy):
@@ -170,16 +170,8 @@ def bench_duo_decode(ops, b, hr, hs, g, d, ctx, sink, recent, copy):
   nv = jnp.ones((b,), jnp.int32)
   row = {"kernel": "duo_decode", "B": b, "H": hr, "HS": hs, "G": g, "D": d, "ctx": ctx,
          "bytes": kv_bytes + 2 * q.size * 2}
-  for name, op in ops.items():
-    f = lambda q, kc, vc, sk, sv, k, v, op=op: op(q, kc, vc, start[:, None], lens, sk, sv, pos,
-                                                  valid, k, v, nv, sink, recent)
-    try:
-      s = chain_time(f, q, sets)
-      row[f"{name}_us"] = s * 1e6
-      row[f"{name}_GBps"] = row["bytes"] / s / 1e9
-      row[f"{name}_frac_copy"] = row[f"{name}_GBps"] / copy
-    except Exception as e:  # noqa: BLE001 - e.g. the XLA reference out of memory
-      row[f"{name}_error"] = repr(e)[:300]
+  time_decode_ops(row, ops, lambda op: lambda q, kc, vc, sk, sv, k, v: op(
+      q, kc, vc, start[:, None], lens, sk, sv, pos, valid, k, v, nv, sink, recent), q, sets, copy)
   del sets
   return row
 
