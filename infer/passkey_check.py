@@ -11,7 +11,6 @@ import argparse
 import json
 import time
 
-import numpy as np
 
 from duojax.data.haystack import HaystackTokens, load_haystack
 from duojax.data.niah import build_passkey_prompt, contains_answer, depth_grid

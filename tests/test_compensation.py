@@ -17,15 +17,7 @@ from duojax.config import tiny_config
 from duojax.engine import forward_logits, generate
 from duojax.model import llama
 from duojax.pattern import HeadMask
-
-
-def random_params(cfg, seed, scale):
-  """Like llama.init_params but drawn with numpy: eager jax.random compiles per shape (slow)."""
-  rng = np.random.default_rng(seed)
-  def draw(shape):  # norms near 1, weights scale * N(0, 1)
-    x = rng.standard_normal(shape)
-    return jnp.asarray(1 + 0.1 * x if len(shape) == 1 else scale * x, jnp.float32)
-  return jax.tree_util.tree_map(draw, llama.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+from helpers import random_params  # noqa: E402
 
 
 def slow_reference(q, k, v, lengths, sink, recent, streaming=None):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 import numpy as np
@@ -338,7 +337,7 @@ def test_plots(tmp_path):
 def ckpt(tmp_path_factory, params, tok):
   from duojax.checkpoint import store
   d = tmp_path_factory.mktemp("eval")
-  ck = store.save_checkpoint(d / "ck", CFG, params, tok)
+  store.save_checkpoint(d / "ck", CFG, params, tok)
   (d / "hay.txt").write_text(_hay_text())
   random_pattern(CFG.num_layers, CFG.num_kv_heads, seed=9, sink=4, recent=16).save(d / "pat")
   return d

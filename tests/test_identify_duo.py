@@ -16,6 +16,7 @@ from duojax.config import tiny_config
 from duojax.data.haystack import HaystackTokens
 from duojax.identify import duo
 from duojax.model import init_params
+from helpers import tiny_hf_tokenizer  # noqa: E402
 
 TEXT = " ".join(f"Sentence number {i} tells of the {i % 7}th thing." for i in range(400))
 
@@ -150,7 +151,7 @@ def test_cli_end_to_end(setup, tmp_path, monkeypatch):
   from duojax.identify.__main__ import main
   from duojax.pattern import load_any
   params, _ = setup
-  tok = _tiny_hf_tokenizer()
+  tok = tiny_hf_tokenizer()
   ck = store.save_checkpoint(tmp_path / "ck", CFG, params, tok)
   hay = tmp_path / "hay.txt"
   hay.write_text(TEXT)
@@ -171,12 +172,3 @@ def test_cli_end_to_end(setup, tmp_path, monkeypatch):
   assert rc == 2
 
 
-def _tiny_hf_tokenizer():
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-  vocab = {chr(i): i for i in range(32, 97)}
-  vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
-  t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-  return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>",
-                                 eos_token="</s>")

@@ -14,18 +14,10 @@ from duojax.config import tiny_config
 from duojax.eval import influence
 from duojax.model import llama
 from duojax.pattern import HeadPattern
+from helpers import random_params, tiny_hf_tokenizer  # noqa: E402
 
 CFG = tiny_config(num_layers=2, max_position_embeddings=256)
 RETRIEVAL = ((True, False), (False, True))
-
-
-def random_params(cfg, seed, scale):
-  """Like llama.init_params but drawn with numpy: eager jax.random compiles per shape (slow)."""
-  rng = np.random.default_rng(seed)
-  def draw(shape):  # norms near 1, weights scale * N(0, 1)
-    x = rng.standard_normal(shape)
-    return jnp.asarray(1 + 0.1 * x if len(shape) == 1 else scale * x, jnp.float32)
-  return jax.tree_util.tree_map(draw, llama.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +86,7 @@ def test_batching_does_not_change_scores(params):
 
 def test_cli(params, tmp_path, capsys):
   from duojax.checkpoint import store
-  ck = store.save_checkpoint(tmp_path / "ck", CFG, params, _tiny_hf_tokenizer())
+  ck = store.save_checkpoint(tmp_path / "ck", CFG, params, tiny_hf_tokenizer())
   pat = HeadPattern(np.array([[0.9, 0.1], [0.2, 0.8]]), 4, 8,
                     {"selection": {"threshold": 0.5}}).save(tmp_path / "pat")
   data = tmp_path / "docs.jsonl"
@@ -118,12 +110,3 @@ def test_cli(params, tmp_path, capsys):
                          str(out), "--no-progress", "--threshold", "0.95"]) == 2
 
 
-def _tiny_hf_tokenizer():
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-  vocab = {chr(i): i for i in range(32, 97)}
-  vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
-  t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-  return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>",
-                                 eos_token="</s>")

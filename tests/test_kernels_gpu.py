@@ -140,35 +140,6 @@ def test_full_chunk_gpu(h, g, d):
   check(out, reference.full_chunk_attention(*f32(q, kc, vc), q_pos, kv_len), dtype)
 
 
-@pytest.mark.parametrize("merge", ["launch", "kernel"])
-@pytest.mark.parametrize("hr,hs,g,d", [(2, 2, 4, 128), (3, 1, 3, 64)])
-def test_decode_merge_modes_gpu(merge, hr, hs, g, d):
-  """Both ways of merging split-K partials (a second launch; the last split of each head
-  via an atomic ticket) on a long ragged batch with many splits, run 3 times on fresh
-  inputs: a missing fence or barrier would show as an error that moves between runs."""
-  from duojax.kernels.gpu.decode import DECODE_CONFIG
-  cfg = {**DECODE_CONFIG, "merge": merge, "programs": 528}
-  b, s, sink, recent, dtype = 3, 40_001, 16, 64, jnp.bfloat16
-  w = sink + recent
-  lens = jnp.asarray([40_001, 7, 12_345], jnp.int32)
-  start = lens - 1
-  pos, valid = kvc.stream_slot_positions(start, sink, recent)
-  n_valid = jnp.ones((b,), jnp.int32)
-  full = jax.jit(lambda *a: kg.full_decode(*a, cfg=cfg))
-  duo = jax.jit(lambda *a: kg.duo_decode(*a, sink, recent, cfg=cfg))
-  for _ in range(3):
-    q = rnd((b, 1, hr + hs, g, d), dtype)
-    kc, vc = rnd((b, s, hr, d), dtype), rnd((b, s, hr, d), dtype)
-    sk, sv = rnd((b, w, hs, d), dtype), rnd((b, w, hs, d), dtype)
-    k, v = rnd((b, 1, hr + hs, d), dtype), rnd((b, 1, hr + hs, d), dtype)
-    args = (start[:, None], lens)
-    check(full(q[:, :, :hr], kc, vc, *args),
-          reference.full_chunk_attention(*f32(q[:, :, :hr], kc, vc), *args), dtype)
-    check(duo(q, kc, vc, *args, sk, sv, pos, valid, k, v, n_valid),
-          reference.duo_decode_attention(*f32(q, kc, vc), *args, *f32(sk, sv), pos, valid,
-                                         *f32(k, v), n_valid, sink, recent), dtype)
-
-
 @pytest.mark.parametrize("h,g,d", SHAPES)
 @pytest.mark.parametrize("route", ["triton", "tokamax"])
 def test_full_chunk_routes_gpu(h, g, d, route):

@@ -9,20 +9,11 @@ import pytest
 from duojax.attention.reference import dense_attention
 from duojax.config import tiny_config
 from duojax.identify import razor
-from duojax.model import llama
 from duojax.pattern import HeadPattern
+from helpers import random_params, tiny_hf_tokenizer  # noqa: E402
 
 BLOCK = [5, 6, 7, 8]
 TOKENS = [0] + BLOCK * 3  # BOS + 3 copies: T = 13, queries 5..12 are scored
-
-
-def random_params(cfg, seed, scale):
-  """Like llama.init_params but drawn with numpy: eager jax.random compiles per shape (slow)."""
-  rng = np.random.default_rng(seed)
-  def draw(shape):  # norms near 1, weights scale * N(0, 1)
-    x = rng.standard_normal(shape)
-    return jnp.asarray(1 + 0.1 * x if len(shape) == 1 else scale * x, jnp.float32)
-  return jax.tree_util.tree_map(draw, llama.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
 
 
 def uniform_expectation(tokens):
@@ -144,7 +135,7 @@ def test_cli(tmp_path, capsys):
   from duojax.pattern import load_any
   cfg = tiny_config(num_layers=2, max_position_embeddings=256)
   ck = store.save_checkpoint(tmp_path / "ck", cfg, random_params(cfg, 0, 0.02),
-                             _tiny_hf_tokenizer())
+                             tiny_hf_tokenizer())
   rc = razor.main(["--ckpt", str(ck), "--out", str(tmp_path / "p"), "--block", "30", "--repeats",
                    "3", "--chunk", "32", "--induction-top", "0.25"])
   assert rc == 0
@@ -156,12 +147,3 @@ def test_cli(tmp_path, capsys):
   assert err[-1].startswith("duojax.identify razor: error: --echo-top")
 
 
-def _tiny_hf_tokenizer():
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-  vocab = {chr(i): i for i in range(32, 97)}
-  vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
-  t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-  return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>",
-                                 eos_token="</s>")

@@ -13,17 +13,9 @@ from duojax.config import tiny_config
 from duojax.identify import retrieval_score as rs
 from duojax.identify.imports import load_retrieval_scores
 from duojax.model import llama
+from helpers import random_params, tiny_hf_tokenizer  # noqa: E402
 
 CFG = tiny_config(num_layers=2, max_position_embeddings=512)
-
-
-def random_params(cfg, seed, scale):
-  """Like llama.init_params but drawn with numpy: eager jax.random compiles per shape (slow)."""
-  rng = np.random.default_rng(seed)
-  def draw(shape):  # norms near 1, weights scale * N(0, 1)
-    x = rng.standard_normal(shape)
-    return jnp.asarray(1 + 0.1 * x if len(shape) == 1 else scale * x, jnp.float32)
-  return jax.tree_util.tree_map(draw, llama.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
 
 
 def test_copy_scores_hand_built():
@@ -89,7 +81,7 @@ def test_cli_writes_pattern_and_wu_format(tmp_path, capsys):
   from duojax.checkpoint import store
   from duojax.pattern import load_any
   params = random_params(CFG, 1, 0.3)
-  ck = store.save_checkpoint(tmp_path / "ck", CFG, params, _tiny_hf_tokenizer())
+  ck = store.save_checkpoint(tmp_path / "ck", CFG, params, tiny_hf_tokenizer())
   hay = tmp_path / "hay.txt"
   hay.write_text(" ".join(f"SENTENCE {i} IS ABOUT THE {i % 7} THING." for i in range(300)))
   out = tmp_path / "out"
@@ -110,23 +102,12 @@ def test_cli_writes_pattern_and_wu_format(tmp_path, capsys):
   assert rs.main(args + ["--lengths", "510"]) == 2  # beyond the context with new tokens
 
 
-def _tiny_hf_tokenizer():
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-  vocab = {chr(i): i for i in range(32, 97)}
-  vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
-  t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-  return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>",
-                                 eos_token="</s>")
-
-
 def test_identify_several_needles_from_an_offset(tmp_path):
   """The library entry point: every needle x length x depth, batches of one length,
   prompts cut from the haystack at `offset`, the log and metadata saying which is which."""
   from duojax.data.haystack import HaystackTokens
   from duojax.data.niah import NeedleTask
-  tok = _tiny_hf_tokenizer()
+  tok = tiny_hf_tokenizer()
   hay = HaystackTokens(" ".join(f"SENTENCE {i} IS ABOUT THE {i % 7} THING." for i in range(300)),
                        tok, line_breaks=False)
   tasks = [NeedleTask("THE KEY IS RED.", "WHAT IS THE KEY?", "RED"),

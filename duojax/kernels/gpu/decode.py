@@ -31,12 +31,7 @@ from duojax.kernels.gpu.launch import Launch, cdiv, next_pow2, strides
 # heads, G = 4 on an H100 (infer/bench_kernels.py --variants; the top five were within 2%).
 # 264 programs = two per SM of the H100's 132.
 DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs": 264,
-                 "max_splits": 128, "merge": "launch"}
-# merge: "launch" = a second small kernel merges the splits; "kernel" = the last split of
-# each head merges them (an atomic ticket), saving that launch. Measured on an H100
-# (results/h100-fused-decode/bench_kernels_decode_merge.md), "kernel" lost almost
-# everywhere: 73.5 against 50.4 us for 8 KV heads x G 4 at 32K, since one program then
-# merges a whole head serially while the GPU idles. It stays as a tested option.
+                 "max_splits": 128}
 STREAM_DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 
 LOG2E = 1.4426950408889634
@@ -134,60 +129,6 @@ def _store_partial(OP, MP, LP, row, m_i, l_i, acc, G: tl.constexpr, GP: tl.const
 
 
 @triton.jit
-def _store_out(OUT, b, h, m_i, l_i, acc, SOB: tl.constexpr, SOH: tl.constexpr,
-               SOG: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-               BD: tl.constexpr):
-  """The normalised output of one program that saw all of its head's keys."""
-  offs_g = tl.arange(0, GP)
-  offs_d = tl.arange(0, BD)
-  out = acc / tl.maximum(l_i, 1e-30)[:, None]
-  tl.store(OUT + b.to(tl.int64) * SOB + h * SOH + offs_g[:, None] * SOG + offs_d[None, :],
-           out.to(OUT.dtype.element_ty), mask=(offs_g[:, None] < G) & (offs_d[None, :] < D))
-
-
-@triton.jit
-def _merge_if_last(OP, MP, LP, CNT, OUT, b, h, H: tl.constexpr, NS: tl.constexpr,
-                   SOB: tl.constexpr, SOH: tl.constexpr, SOG: tl.constexpr, G: tl.constexpr,
-                   D: tl.constexpr, BD: tl.constexpr, SCH: tl.constexpr):
-  """Split-K merge without a second launch: each of a head's NS programs takes a
-  ticket after writing its partial; the one that draws the last merges all NS.
-
-  The barrier orders the whole program's partial stores before the ticket, whose
-  acquire-release atomic publishes them GPU-wide (and makes the others' visible to
-  the last program); the merge reads partials at L2 (.cg), past any stale L1 line.
-  """
-  tl.debug_barrier()
-  ticket = tl.atomic_add(CNT + b * H + h, 1, sem="acq_rel", scope="gpu")
-  if ticket == NS - 1:
-    offs_d = tl.arange(0, BD)
-    dmask = offs_d < D
-    for g in tl.static_range(G):
-      row0 = ((b * H + h) * NS) * G + g  # split s's row: row0 + s * G
-      m_max = tl.max(tl.full([SCH], float("-inf"), tl.float32), 0)
-      for c in range(0, NS, SCH):
-        offs_s = c + tl.arange(0, SCH)
-        m = tl.load(MP + row0 + offs_s * G, mask=offs_s < NS, other=float("-inf"),
-                    cache_modifier=".cg")
-        m_max = tl.maximum(m_max, tl.max(m, 0))
-      m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # a row that saw no key at all
-      num = tl.zeros([BD], tl.float32)
-      den = tl.sum(tl.zeros([SCH], tl.float32), 0)
-      for c in range(0, NS, SCH):
-        offs_s = c + tl.arange(0, SCH)
-        smask = offs_s < NS
-        rows = row0 + offs_s * G
-        m = tl.load(MP + rows, mask=smask, other=float("-inf"), cache_modifier=".cg")
-        l = tl.load(LP + rows, mask=smask, other=0.0, cache_modifier=".cg")
-        o = tl.load(OP + rows[:, None].to(tl.int64) * D + offs_d[None, :],
-                    mask=smask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
-        w = tl.exp2(m - m_max)  # 0 for empty splits
-        num += tl.sum(w[:, None] * o, 0)
-        den += tl.sum(w * l, 0)
-      tl.store(OUT + b.to(tl.int64) * SOB + h * SOH + g * SOG + offs_d,
-               (num / tl.maximum(den, 1e-30)).to(OUT.dtype.element_ty), mask=dmask)
-
-
-@triton.jit
 def _split_range(QPOS, KVLEN, b, split, NS: tl.constexpr, BLOCK_N: tl.constexpr):
   """Keys [lo, hi) of split `split` of row b: the row's visible keys [0, min(kv_len,
   q_pos + 1)) cut into NS runs of whole blocks."""
@@ -201,16 +142,13 @@ def _split_range(QPOS, KVLEN, b, split, NS: tl.constexpr, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
-def _full_decode_kernel(Q, K, V, QPOS, KVLEN, OP, MP, LP, CNT, OUT,
+def _full_decode_kernel(Q, K, V, QPOS, KVLEN, OP, MP, LP,
                         SQB: tl.constexpr, SQH: tl.constexpr, SQG: tl.constexpr,
                         SKB: tl.constexpr, SKS: tl.constexpr, SKH: tl.constexpr,
                         SVB: tl.constexpr, SVS: tl.constexpr, SVH: tl.constexpr,
                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                         BD: tl.constexpr, NS: tl.constexpr, BLOCK_N: tl.constexpr,
-                        QK_SCALE: tl.constexpr, IEEE: tl.constexpr, MERGE: tl.constexpr,
-                        SCH: tl.constexpr):
-  """MERGE: the last split of each head merges (OUT); else `_combine_kernel` does,
-  and CNT / OUT stay untouched."""
+                        QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
   split = tl.program_id(0)
   h = tl.program_id(1)
   b = tl.program_id(2)
@@ -224,12 +162,10 @@ def _full_decode_kernel(Q, K, V, QPOS, KVLEN, OP, MP, LP, CNT, OUT,
   m_i, l_i, acc = _scan(q, kp, vp, lo, hi, QPOS, 0, m_i, l_i, acc, SKS, SVS, D, BD, BLOCK_N,
                         QK_SCALE, IEEE, False, 0, 0)
   _store_partial(OP, MP, LP, ((b * H + h) * NS + split) * G, m_i, l_i, acc, G, GP, D, BD)
-  if MERGE:
-    _merge_if_last(OP, MP, LP, CNT, OUT, b, h, H, NS, SQB, SQH, SQG, G, D, BD, SCH)
 
 
 @triton.jit
-def _duo_decode_kernel(Q, K, V, QPOS, KVLEN, SK, SV, SPOS, KN, VN, NVALID, OP, MP, LP, CNT, OUT,
+def _duo_decode_kernel(Q, K, V, QPOS, KVLEN, SK, SV, SPOS, KN, VN, NVALID, OP, MP, LP,
                        SQB: tl.constexpr, SQH: tl.constexpr, SQG: tl.constexpr,
                        SKB: tl.constexpr, SKS: tl.constexpr, SKH: tl.constexpr,
                        SSB: tl.constexpr, SSW: tl.constexpr, SSH: tl.constexpr,
@@ -238,13 +174,11 @@ def _duo_decode_kernel(Q, K, V, QPOS, KVLEN, SK, SV, SPOS, KN, VN, NVALID, OP, M
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                        NS: tl.constexpr, BLOCK_N: tl.constexpr, SBLOCK_N: tl.constexpr,
                        SINK: tl.constexpr, RECENT: tl.constexpr, QK_SCALE: tl.constexpr,
-                       IEEE: tl.constexpr, MERGE: tl.constexpr, SCH: tl.constexpr):
+                       IEEE: tl.constexpr):
   """One launch for a DuoAttention layer: programs [0, NS * HR) are the retrieval
   heads' splits over the full cache, programs [NS * HR, NS * HR + HS) the streaming
   heads over sink + ring + the new token. All write partials; `_combine_kernel`
-  (with HR) merges them into the layer's whole output, so no concatenation follows.
-  MERGE: no second launch; the last split of a retrieval head merges its partials
-  and a streaming head's program writes its output itself (OUT)."""
+  (with HR) merges them into the layer's whole output, so no concatenation follows."""
   pid = tl.program_id(0)
   b = tl.program_id(1)
   m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -261,8 +195,6 @@ def _duo_decode_kernel(Q, K, V, QPOS, KVLEN, SK, SV, SPOS, KN, VN, NVALID, OP, M
                           QK_SCALE, IEEE, False, 0, 0)
     _store_partial(OP, MP, LP, ((b * (HR + HS) + h) * NS + split) * G, m_i, l_i, acc, G, GP, D,
                    BD)
-    if MERGE:
-      _merge_if_last(OP, MP, LP, CNT, OUT, b, h, HR + HS, NS, SQB, SQH, SQG, G, D, BD, SCH)
   else:
     hs = pid - NS * HR
     h = HR + hs
@@ -275,10 +207,7 @@ def _duo_decode_kernel(Q, K, V, QPOS, KVLEN, SK, SV, SPOS, KN, VN, NVALID, OP, M
     nb = b.to(tl.int64) * SNB + h * SNH
     m_i, l_i, acc = _add_new_token(q, KN + nb, VN + nb, tl.load(NVALID + b), qpos, m_i, l_i, acc,
                                    D, BD, QK_SCALE, SINK, RECENT)
-    if MERGE:
-      _store_out(OUT, b, h, m_i, l_i, acc, SQB, SQH, SQG, G, GP, D, BD)
-    else:
-      _store_partial(OP, MP, LP, ((b * (HR + HS) + h) * NS) * G, m_i, l_i, acc, G, GP, D, BD)
+    _store_partial(OP, MP, LP, ((b * (HR + HS) + h) * NS) * G, m_i, l_i, acc, G, GP, D, BD)
 
 
 @triton.jit
@@ -332,7 +261,11 @@ def _stream_decode_kernel(Q, SK, SV, SPOS, KN, VN, QPOS, NVALID, OUT,
   nb = b.to(tl.int64) * SNB + h * SNH
   m_i, l_i, acc = _add_new_token(q, KN + nb, VN + nb, tl.load(NVALID + b), qpos, m_i, l_i, acc,
                                  D, BD, QK_SCALE, SINK, RECENT)
-  _store_out(OUT, b, h, m_i, l_i, acc, SQB, SQH, SQG, G, GP, D, BD)
+  out = acc / tl.maximum(l_i, 1e-30)[:, None]
+  offs_g = tl.arange(0, GP)
+  offs_d = tl.arange(0, BD)
+  tl.store(OUT + b.to(tl.int64) * SQB + h * SQH + offs_g[:, None] * SQG + offs_d[None, :],
+           out.to(OUT.dtype.element_ty), mask=(offs_g[:, None] < G) & (offs_d[None, :] < D))
 
 
 # -- launch plans (static shapes only) ------------------------------------------------
@@ -358,36 +291,14 @@ def full_decode_plans(q_shape, k_shape, dtype, cfg=None):
   gp, bd = max(16, next_pow2(g)), max(16, next_pow2(d))
   sq, sk = strides(q_shape), strides(k_shape)
   ieee = _dt(dtype) == "float32"
-  merge = _in_kernel(cfg)
   split = Launch(
-      _full_decode_kernel, (ns, h, b), _split_outputs(q_shape, dtype, h, ns),
+      _full_decode_kernel, (ns, h, b),
+      (((b, h, ns, g, d), "float32"), ((b, h, ns, g), "float32"), ((b, h, ns, g), "float32")),
       dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], SVB=sk[0],
            SVS=sk[1], SVH=sk[2], H=h, G=g, GP=gp, D=d, BD=bd, NS=ns, BLOCK_N=cfg["block_n"],
-           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=ieee, MERGE=merge, SCH=_SCH),
-      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], zeroed=(3,) if merge else ())
-  return split, None if merge else _combine_plan(q_shape, dtype, h, ns)
-
-
-_SCH = 16  # splits merged per step by the in-kernel merge
-
-
-def _in_kernel(cfg) -> bool:
-  if cfg.get("merge", "launch") not in ("launch", "kernel"):
-    raise ValueError(f"decode merge must be 'launch' or 'kernel', got {cfg['merge']!r}")
-  return cfg.get("merge") == "kernel"
-
-
-def _split_outputs(q_shape, dtype, h, ns):
-  """Partials OP / MP / LP, the per-head ticket counters and the merged output (the
-  last two only written by the in-kernel merge)."""
-  b, _, _, g, d = q_shape
-  return (((b, h, ns, g, d), "float32"), ((b, h, ns, g), "float32"),
-          ((b, h, ns, g), "float32"), ((b * h,), "int32"), (tuple(q_shape), _dt(dtype)))
-
-
-def _run(split, combine, *arrays):
-  op, mp, lp, _, out = split.jax(*arrays)
-  return out if combine is None else combine.jax(op, mp, lp)[0]
+           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=ieee),
+      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+  return split, _combine_plan(q_shape, dtype, h, ns)
 
 
 def _combine_plan(q_shape, dtype, n_retrieval, ns):
@@ -411,17 +322,16 @@ def duo_decode_plans(q_shape, k_shape, slot_shape, dtype, sink, recent, cfg=None
   assert t == 1 and hr + hs == h and hr > 0 and hs > 0, (q_shape, k_shape, slot_shape)
   ns = n_splits(b, hr, s, cfg)
   sq, sk, ss, sn = strides(q_shape), strides(k_shape), strides(slot_shape), strides((b, 1, h, d))
-  merge = _in_kernel(cfg)
   split = Launch(
-      _duo_decode_kernel, (ns * hr + hs, b), _split_outputs(q_shape, dtype, h, ns),
+      _duo_decode_kernel, (ns * hr + hs, b),
+      (((b, h, ns, g, d), "float32"), ((b, h, ns, g), "float32"), ((b, h, ns, g), "float32")),
       dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], SSB=ss[0],
            SSW=ss[1], SSH=ss[2], SNB=sn[0], SNH=sn[2], HR=hr, HS=hs, W=w, G=g,
            GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)), NS=ns,
            BLOCK_N=cfg["block_n"], SBLOCK_N=scfg["block_n"], SINK=int(sink), RECENT=int(recent),
-           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=_dt(dtype) == "float32", MERGE=merge,
-           SCH=_SCH),
-      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], zeroed=(3,) if merge else ())
-  return split, None if merge else _combine_plan(q_shape, dtype, hr, ns)
+           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=_dt(dtype) == "float32"),
+      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+  return split, _combine_plan(q_shape, dtype, hr, ns)
 
 
 def stream_decode_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None):
@@ -442,14 +352,15 @@ def stream_decode_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None):
 
 # -- the ops (dispatch signatures) ----------------------------------------------------
 
-def full_decode(q, k_cache, v_cache, q_pos, kv_len, cfg=None):
+def full_decode(q, k_cache, v_cache, q_pos, kv_len):
   """Retrieval heads, one token per row. q [B, 1, H, G, D]; k/v_cache [B, S, H, D];
   q_pos [B, 1]; kv_len [B]. Reads keys [0, min(kv_len, q_pos + 1)) of each row."""
   import jax.numpy as jnp
   dt = k_cache.dtype  # computed in the cache's dtype (a cast of q is cheap, of the cache not)
-  split, combine = full_decode_plans(q.shape, k_cache.shape, dt, cfg)
-  out = _run(split, combine, q.astype(dt), k_cache, v_cache.astype(dt), q_pos.astype(jnp.int32),
-             kv_len.astype(jnp.int32))
+  split, combine = full_decode_plans(q.shape, k_cache.shape, dt)
+  op, mp, lp = split.jax(q.astype(dt), k_cache, v_cache.astype(dt), q_pos.astype(jnp.int32),
+                         kv_len.astype(jnp.int32))
+  (out,) = combine.jax(op, mp, lp)
   return out.astype(q.dtype)
 
 
@@ -472,7 +383,7 @@ def streaming_decode(q, slot_k, slot_v, slot_pos, slot_valid, k, v, q_pos, n_val
 
 
 def duo_decode(q, k_cache, v_cache, q_pos, kv_len, slot_k, slot_v, slot_pos, slot_valid, k, v,
-               n_valid, sink, recent, cfg=None):
+               n_valid, sink, recent):
   """A DuoAttention layer's whole decode attention in one launch (+ the merge).
 
   q [B, 1, Hr + Hs, G, D] (retrieval heads first); k/v_cache [B, S, Hr, D] (the
@@ -484,9 +395,10 @@ def duo_decode(q, k_cache, v_cache, q_pos, kv_len, slot_k, slot_v, slot_pos, slo
   """
   import jax.numpy as jnp
   dt = k_cache.dtype
-  split, combine = duo_decode_plans(q.shape, k_cache.shape, slot_k.shape, dt, sink, recent, cfg)
-  out = _run(split, combine, q.astype(dt), k_cache, v_cache.astype(dt), q_pos.astype(jnp.int32),
-             kv_len.astype(jnp.int32), slot_k.astype(dt), slot_v.astype(dt),
-             slot_positions(slot_pos, slot_valid), k.astype(dt), v.astype(dt),
-             n_valid.astype(jnp.int32))
+  split, combine = duo_decode_plans(q.shape, k_cache.shape, slot_k.shape, dt, sink, recent)
+  op, mp, lp = split.jax(q.astype(dt), k_cache, v_cache.astype(dt), q_pos.astype(jnp.int32),
+                         kv_len.astype(jnp.int32), slot_k.astype(dt), slot_v.astype(dt),
+                         slot_positions(slot_pos, slot_valid), k.astype(dt), v.astype(dt),
+                         n_valid.astype(jnp.int32))
+  (out,) = combine.jax(op, mp, lp)
   return out.astype(q.dtype)

@@ -25,7 +25,6 @@ class Launch:
   consts: dict
   num_warps: int = 4
   num_stages: int = 2
-  zeroed: tuple[int, ...] = ()  # outputs set to zero before the launch (counters)
 
   def jax(self, *arrays):
     import jax
@@ -33,8 +32,7 @@ class Launch:
     import jax.numpy as jnp
     outs = [jax.ShapeDtypeStruct(s, jnp.dtype(d)) for s, d in self.out_shapes]
     res = jt.triton_call(*arrays, kernel=self.kernel, out_shape=outs, grid=self.grid,
-                         num_warps=self.num_warps, num_stages=self.num_stages,
-                         zeroed_outputs=self.zeroed, **self.consts)
+                         num_warps=self.num_warps, num_stages=self.num_stages, **self.consts)
     return tuple(res) if isinstance(res, (list, tuple)) else (res,)
 
   def torch(self, *tensors, outs=None):
@@ -42,8 +40,6 @@ class Launch:
     dev = tensors[0].device
     if outs is None:
       outs = [torch.empty(s, dtype=torch_dtype(d), device=dev) for s, d in self.out_shapes]
-    for i in self.zeroed:
-      outs[i].zero_()
     self.kernel[self.grid](*tensors, *outs, num_warps=self.num_warps,
                            num_stages=self.num_stages, **self.consts)
     return tuple(outs)

@@ -68,25 +68,36 @@ def _attend_block(acc, m_i, l_i, q, kp, vp, n, kmask, vis, SKS: tl.constexpr, of
 
 
 @triton.jit
+def _q_tile(Q, pid_m, h, b, SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
+            SQG: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+            BD: tl.constexpr, BLOCK_M: tl.constexpr):
+  """The query tile of program (pid_m, h, b): row r is chunk token pid_m * (BLOCK_M // G)
+  + r // G, query head r % G of KV head h. Returns (q [BLOCK_M, BD], tok, rmask, qoff)."""
+  TPB: tl.constexpr = BLOCK_M // G
+  r = tl.arange(0, BLOCK_M)
+  tok = pid_m * TPB + r // G
+  rmask = (r < TPB * G) & (tok < T)
+  offs_d = tl.arange(0, BD)
+  qoff = b.to(tl.int64) * SQB + tok * SQT + h * SQH + (r % G) * SQG
+  q = tl.load(Q + qoff[:, None] + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
+              other=0.0)
+  return q, tok, rmask, qoff
+
+
+@triton.jit
 def _full_chunk_kernel(Q, K, V, QPOS, KVLEN, OUT,
                        SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
                        SQG: tl.constexpr, SKB: tl.constexpr, SKS: tl.constexpr,
                        SKH: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                        BD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
-  pid_m = tl.program_id(0)
   h = tl.program_id(1)
   b = tl.program_id(2)
-  TPB: tl.constexpr = BLOCK_M // G
-  r = tl.arange(0, BLOCK_M)
-  tok = pid_m * TPB + r // G
-  g = r % G
-  rmask = (r < TPB * G) & (tok < T)
+  q, tok, rmask, qoff = _q_tile(Q, tl.program_id(0), h, b, SQB, SQT, SQH, SQG, T, G, D, BD,
+                                BLOCK_M)
   offs_d = tl.arange(0, BD)
   offs_n = tl.arange(0, BLOCK_N)
   dmask = offs_d < D
-  qoff = b.to(tl.int64) * SQB + tok * SQT + h * SQH + g * SQG
-  q = tl.load(Q + qoff[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
   qpos = tl.load(QPOS + b * T + tok, mask=rmask, other=-1)
   kvl = tl.load(KVLEN + b)
   q_hi = tl.max(tl.where(rmask, qpos, -1), 0)
@@ -133,19 +144,13 @@ def _stream_chunk_kernel(Q, SK, SV, SPOS, K, V, QPOS, NVALID, OUT,
                          D: tl.constexpr, BD: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
                          QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
-  pid_m = tl.program_id(0)
   h = tl.program_id(1)
   b = tl.program_id(2)
-  TPB: tl.constexpr = BLOCK_M // G
-  r = tl.arange(0, BLOCK_M)
-  tok = pid_m * TPB + r // G
-  g = r % G
-  rmask = (r < TPB * G) & (tok < T)
+  q, tok, rmask, qoff = _q_tile(Q, tl.program_id(0), h, b, SQB, SQT, SQH, SQG, T, G, D, BD,
+                                BLOCK_M)
   offs_d = tl.arange(0, BD)
   offs_n = tl.arange(0, BLOCK_N)
   dmask = offs_d < D
-  qoff = b.to(tl.int64) * SQB + tok * SQT + h * SQH + g * SQG
-  q = tl.load(Q + qoff[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
   qpos = tl.load(QPOS + b * T + tok, mask=rmask, other=-(1 << 30))
   nval = tl.load(NVALID + b)
   start_pos = tl.load(QPOS + b * T)  # chunk token j sits at position start_pos + j

@@ -1,0 +1,30 @@
+"""Helpers several test files share (tests/ is on sys.path under pytest's default import mode)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from duojax.model import llama
+
+
+def random_params(cfg, seed, scale):
+  """Like llama.init_params but drawn with numpy: eager jax.random compiles per shape (slow)."""
+  rng = np.random.default_rng(seed)
+
+  def draw(shape):  # norms near 1, weights scale * N(0, 1)
+    x = rng.standard_normal(shape)
+    return jnp.asarray(1 + 0.1 * x if len(shape) == 1 else scale * x, jnp.float32)
+  return jax.tree_util.tree_map(draw, llama.param_shapes(cfg),
+                                is_leaf=lambda x: isinstance(x, tuple))
+
+
+def tiny_hf_tokenizer():
+  """A character-level HF tokenizer (no download): printable ASCII plus <unk>, <s>, </s>."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  vocab = {chr(i): i for i in range(32, 97)}
+  vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
+  t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+  return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>",
+                                 eos_token="</s>")
