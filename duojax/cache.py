@@ -7,6 +7,16 @@ Per layer the cache is one of
                     heads and a StreamLayerCache for the rest
 and `KVCache` adds the per-row lengths [B] shared by all layers. Streaming heads
 never hold a full-length buffer: their keys go straight from a chunk into the ring.
+
+The streaming window is the same in training, prefill and decode: the query at
+position t sees j < sink and t - recent < j <= t, i.e. `recent` keys counting its
+own (the official training mask; the official *decode* appends the new token to
+sink + the last `recent` and so sees recent + 1). Before a chunk starting at p the
+ring holds positions p - recent .. p - 1; position p - recent is no longer visible
+to plain streaming heads, but it is the one RazorAttention's compensation token
+(`duojax.compensation`) reads from the ring as it leaves the window, so the ring
+keeps `recent` slots: one slot per streaming head (1/(sink + recent) of its cache)
+buys one cache layout for both.
 """
 
 from __future__ import annotations

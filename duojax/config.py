@@ -10,8 +10,14 @@ import dataclasses
 import json
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                              "Qwen3ForCausalLM")
+_HF_CLASS = dict(zip(SUPPORTED_ARCHITECTURES, SUPPORTED_HF_ARCHITECTURES))
+# GGUF architectures duojax reads. llama.cpp's converter permutes q/k rows only for
+# its LLaMA-style (adjacent-pair) RoPE archs; qwen2/qwen3 use NEOX-style (rotate-half)
+# RoPE, so their rows are stored in HF order (see checkpoint/gguf_file.py).
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class ConfigError(ValueError):
@@ -31,7 +37,11 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shape of a Llama-family decoder (Llama 2/3/3.1, Mistral, SmolLM2, Qwen2)."""
+  """Shape of a Llama-family decoder (Llama 2/3/3.1, Mistral, SmolLM2, Qwen2/2.5, Qwen3).
+
+  attention_bias: q/k/v projections carry biases (Qwen2). qk_norm: per-head RMSNorm
+  over head_dim on q and k before RoPE (Qwen3).
+  """
 
   vocab_size: int
   hidden_size: int
@@ -46,6 +56,7 @@ class ModelConfig:
   max_position_embeddings: int = 4096
   tie_word_embeddings: bool = False
   attention_bias: bool = False
+  qk_norm: bool = False
   bos_token_id: int | None = 1
   eos_token_ids: tuple[int, ...] = (2,)
   architecture: str = "llama"
@@ -116,6 +127,24 @@ class ModelConfig:
     eos = hf.get("eos_token_id", 2)
     eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     arch = model_type if model_type in SUPPORTED_ARCHITECTURES else "llama"
+    for a, cls_name in _HF_CLASS.items():
+      if model_type not in SUPPORTED_ARCHITECTURES and cls_name in archs:
+        arch = a
+    if hf.get("use_sliding_window") or (arch == "mistral" and hf.get("sliding_window")
+                                        and hf["sliding_window"] < hf.get(
+                                            "max_position_embeddings", 0)):
+      raise ConfigError(
+          f"this {arch} config uses sliding-window attention (sliding_window="
+          f"{hf.get('sliding_window')}), which duojax does not serve; use a full-attention "
+          "checkpoint or set use_sliding_window=false / sliding_window=null in config.json")
+    # Qwen2's projections always carry q/k/v biases (its config has no switch for it).
+    bias = arch == "qwen2"
+    if arch != "qwen2" and hf.get("attention_bias"):
+      # HF's Llama/Mistral/Qwen3 attention_bias also adds an o_proj bias, which
+      # duojax's decoder does not carry: refuse rather than drop it silently.
+      raise ConfigError(
+          f"{arch} with attention_bias=true (q/k/v and o_proj biases) is not supported; "
+          "duojax carries q/k/v biases only in the qwen2 architecture")
     return cls(
         vocab_size=hf["vocab_size"], hidden_size=hidden,
         intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
@@ -124,14 +153,15 @@ class ModelConfig:
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)), rope_theta=float(theta),
         rope_scaling=scaling, max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", arch == "qwen2")),
+        attention_bias=bias, qk_norm=arch == "qwen3",
         bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos, architecture=arch,
         name=name or hf.get("_name_or_path") or model_type)
 
   def to_hf(self) -> dict[str, Any]:
     """A transformers `config.json` dict for the same shape (for parity tests)."""
+    arch = self.architecture
     hf = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [_HF_CLASS[arch]], "model_type": arch,
         "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
         "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
         "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
@@ -141,6 +171,23 @@ class ModelConfig:
         "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_ids),
         "hidden_act": "silu", "mlp_bias": False,
     }
+    if arch == "qwen2":
+      if not self.attention_bias:
+        raise ConfigError("a qwen2 config always has q/k/v biases (attention_bias=True)")
+      del hf["attention_bias"], hf["mlp_bias"], hf["head_dim"]
+      if self.head_dim * self.num_heads != self.hidden_size:
+        raise ConfigError("HF Qwen2 needs head_dim * num_heads == hidden_size")
+      hf["use_sliding_window"] = False
+    elif arch == "qwen3":
+      del hf["mlp_bias"]
+      hf["use_sliding_window"] = False
+    elif arch == "mistral":
+      del hf["attention_bias"], hf["mlp_bias"]
+      hf["sliding_window"] = None  # duojax serves full attention
+    if arch != "qwen2" and self.attention_bias:
+      raise ConfigError(f"HF {arch} has no q/k/v-only biases; use architecture='qwen2'")
+    if arch != "qwen3" and self.qk_norm:
+      raise ConfigError(f"qk_norm has no HF {arch} equivalent; use architecture='qwen3'")
     if self.rope_scaling.kind == "llama3":
       rs = self.rope_scaling
       hf["rope_scaling"] = {
@@ -151,24 +198,37 @@ class ModelConfig:
 
   @classmethod
   def from_gguf_fields(cls, fields: dict[str, Any], name: str | None = None) -> "ModelConfig":
-    """Reads GGUF metadata already decoded to Python values (see checkpoint.gguf)."""
+    """Reads GGUF metadata already decoded to Python values (see checkpoint.gguf_file).
+
+    `_tied`, `_bias` and `_qk_norm` are set by the reader from which tensors exist.
+    """
     arch = fields.get("general.architecture")
-    if arch not in ("llama", "mistral"):
+    if arch not in GGUF_ARCHITECTURES:
       raise ConfigError(
-          f"GGUF architecture {arch!r} is not supported; duojax reads 'llama' GGUF files "
-          "(Llama 2/3, Mistral, SmolLM2)")
+          f"GGUF architecture {arch!r} is not supported; duojax reads "
+          f"{', '.join(repr(a) for a in GGUF_ARCHITECTURES)} GGUF files "
+          "(Llama 2/3, Mistral, SmolLM2, Qwen2/2.5, Qwen3)")
     p = arch + "."
     n_heads = int(fields[p + "attention.head_count"])
     hidden = int(fields[p + "embedding_length"])
-    head_dim = int(fields.get(p + "rope.dimension_count") or hidden // n_heads)
+    head_dim = int(fields.get(p + "attention.key_length") or fields.get(p + "rope.dimension_count")
+                   or hidden // n_heads)
     scaling = RopeScaling()
     if fields.get(p + "rope.scaling.type") not in (None, "none"):
       raise ConfigError(
           f"GGUF rope scaling {fields.get(p + 'rope.scaling.type')!r} is not supported; "
           "convert from the HF folder instead (--hf)")
+    if fields.get(p + "attention.sliding_window"):
+      raise ConfigError("this GGUF uses sliding-window attention, which duojax does not serve; "
+                        "convert a full-attention model")
     eos = fields.get("tokenizer.ggml.eos_token_id", 2)
+    # Qwen GGUFs name <|endoftext|> as BOS but Qwen never prepends it (no add_bos_token).
+    bos = fields.get("tokenizer.ggml.bos_token_id")
+    if fields.get("tokenizer.ggml.add_bos_token") is False:
+      bos = None
     return cls(
-        vocab_size=int(fields.get(p + "vocab_size") or len(fields["tokenizer.ggml.tokens"])),
+        vocab_size=int(fields.get(p + "vocab_size") or fields.get("_vocab_size")
+                       or len(fields["tokenizer.ggml.tokens"])),
         hidden_size=hidden, intermediate_size=int(fields[p + "feed_forward_length"]),
         num_layers=int(fields[p + "block_count"]), num_heads=n_heads,
         num_kv_heads=int(fields.get(p + "attention.head_count_kv") or n_heads),
@@ -176,13 +236,17 @@ class ModelConfig:
         rms_norm_eps=float(fields.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(fields.get(p + "rope.freq_base", 10000.0)), rope_scaling=scaling,
         max_position_embeddings=int(fields.get(p + "context_length", 4096)),
-        tie_word_embeddings=bool(fields.get("_tied", False)), attention_bias=False,
-        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"), eos_token_ids=(int(eos),),
-        architecture="llama", name=name or fields.get("general.name", "llama"))
+        tie_word_embeddings=bool(fields.get("_tied", False)),
+        attention_bias=bool(fields.get("_bias", False)), qk_norm=bool(fields.get("_qk_norm", False)),
+        bos_token_id=bos, eos_token_ids=(int(eos),),
+        architecture="llama" if arch == "mistral" else arch,
+        name=name or fields.get("general.name", arch))
 
   def param_count(self) -> int:
     e, f, d = self.hidden_size, self.intermediate_size, self.head_dim
     attn = e * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+    attn += d * (self.num_heads + 2 * self.num_kv_heads) if self.attention_bias else 0
+    attn += 2 * d if self.qk_norm else 0
     layer = attn + 3 * e * f + 2 * e
     head = 0 if self.tie_word_embeddings else self.vocab_size * e
     return self.num_layers * layer + self.vocab_size * e + head + e

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import shutil
+import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -30,35 +31,44 @@ def _progress(desc: str, enabled: bool):
   return lambda it: tqdm(it, desc=desc, unit="layer", file=sys.stderr)
 
 
-def _install_pattern(out: Path, src: Path | None) -> str | None:
-  if src is None:
-    return None
-  name = src.name
-  shutil.copytree(src, store.pattern_dir(out, name))
-  return name
+_QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d\w*|F16|F32|BF16|FP16|FP32)$", re.IGNORECASE)
+
+
+def gguf_model_name(path: Path, fields: dict) -> str:
+  """A readable model name: the file's stem without its quantisation suffix
+  ("SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"), else general.name."""
+  stem = _QUANT_SUFFIX.sub("", path.stem)
+  return stem or str(fields.get("general.name") or "model")
 
 
 def convert_gguf(path, out, dtype: str = "float32", progress: bool = True,
                  default_pattern_src: Path | None = None) -> Path:
-  from transformers import AutoTokenizer
+  """A GGUF file -> a checkpoint at `out` (published whole; see store.save_checkpoint)."""
   from duojax.checkpoint.gguf_file import read_gguf
+  from duojax.checkpoint.tokenizer import gguf_tokenizer
   path = Path(path)
-  config, params, _ = read_gguf(path, _np_dtype(dtype), _progress("dequantising", progress))
-  tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-  out = store.save_checkpoint(out, config, params, tok, source=f"gguf:{path.name}")
-  name = _install_pattern(out, default_pattern_src)
-  if name:
-    store.set_default_pattern(out, name)
-  return out
+  out = store.check_out(out)  # before the minutes of work, not after
+  config, params, fields = read_gguf(path, _np_dtype(dtype), _progress("dequantising", progress))
+  config = dataclasses.replace(config, name=gguf_model_name(path, fields))
+  tok = gguf_tokenizer(path)
+  pats = {default_pattern_src.name: default_pattern_src} if default_pattern_src else None
+  return store.save_checkpoint(out, config, params, tok, source=f"gguf:{path.name}",
+                               default_pattern=default_pattern_src.name if pats else None,
+                               patterns=pats)
 
 
 def convert_hf(folder, out, dtype: str = "float32", progress: bool = True) -> Path:
-  from transformers import AutoTokenizer
+  out = store.check_out(out)
   config, params = read_hf_folder(folder, _np_dtype(dtype), _progress("converting", progress))
-  try:
-    tok = AutoTokenizer.from_pretrained(str(folder))
-  except Exception:
-    tok = None  # weights-only folders still convert; generation then needs token ids
+  tok = None
+  if any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer.model",
+                                                 "tokenizer_config.json", "vocab.json")):
+    from transformers import AutoTokenizer
+    try:
+      tok = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+      raise CheckpointError(f"{folder}: the tokenizer files cannot be read ({type(e).__name__}: "
+                            f"{e}); fix or remove them (weights-only folders convert without)") from e
   return store.save_checkpoint(out, config, params, tok, source=f"hf:{Path(folder).name}")
 
 

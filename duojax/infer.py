@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+from duojax import serving, validate
 from duojax.checkpoint.hf import CheckpointError
 from duojax.config import ConfigError, DuoSettings
 from duojax.engine import InputError, SamplingSettings, generate
 from duojax.pattern import PatternError
-from duojax.serving import ATTENTION_KINDS, load_model, parse_dtype
+from duojax.serving import ATTENTION_KINDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,25 +53,79 @@ def build_parser() -> argparse.ArgumentParser:
   return ap
 
 
-def run(a) -> dict:
+def check_args(a) -> str:
+  """Every flag checked before anything is loaded; returns the resolved backend."""
   from duojax.attention.dispatch import resolve_backend
-  settings = DuoSettings(sink=64 if a.sink is None else a.sink,
-                         recent=256 if a.recent is None else a.recent,
-                         prefill_chunk=a.prefill_chunk)
+  validate.sampling(a.temperature, a.top_p)
+  validate.selection(a.sparsity, a.threshold)
+  validate.window(a.sink, a.recent)
+  validate.at_least("--max-new-tokens", a.max_new_tokens, 1)
+  validate.at_least("--prefill-chunk", a.prefill_chunk, 1)
+  if a.prompt is not None and not any(p.strip() for p in a.prompt):
+    raise validate.ArgumentError("--prompt is empty; pass the prompt text")
+  if a.compensation and a.attention == "full":
+    raise validate.ArgumentError("--compensation applies to streaming heads; use it with "
+                                 "--attention duo, streaming or random")
+  if a.attention in ("full", "streaming") and (a.sparsity is not None or a.threshold is not None):
+    raise validate.ArgumentError(f"--sparsity/--threshold choose heads for duo or random; "
+                                 f"--attention {a.attention} takes neither")
+  if a.attention == "random" and a.threshold is not None:
+    raise validate.ArgumentError("--attention random picks heads by --sparsity; it has no gates "
+                                 "for --threshold")
+  return resolve_backend(a.backend)
+
+
+def enable_compile_cache() -> None:
+  """JAX's persistent compilation cache under DUOJAX_HOME: the prefill/decode programs
+  compile once per shape and settings, later runs load them (DUOJAX_COMPILE_CACHE=0: off)."""
+  if os.environ.get("DUOJAX_COMPILE_CACHE", "1") == "0":
+    return
+  import jax
+  from duojax.checkpoint.embedded import duojax_home
+  try:
+    d = duojax_home() / "jax_cache"
+    d.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(d))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  except (OSError, AttributeError, ValueError):
+    pass  # an unwritable home or an older JAX: compile every time, as before
+
+
+def run(a) -> dict:
+  from duojax.checkpoint import store
+  from duojax.checkpoint.embedded import resolve_checkpoint
+  from duojax.config import round_up
+  backend = check_args(a)
+  texts = [validate.readable_text("--prompt-file", a.prompt_file)] if a.prompt_file else a.prompt
+  folder = resolve_checkpoint(a.ckpt, progress=not a.json)
+  config = store.load_config(folder)
+  tok = store.load_tokenizer(folder)
+  probe = serving.LoadedModel(config, {}, tok, None, None, "full", folder)
+  prompts = [probe.encode_prompt(t, a.chat) for t in texts]
+  longest = max(len(p) for p in prompts)
+  if longest + a.max_new_tokens > config.max_position_embeddings:  # before loading the weights
+    raise InputError(
+        f"prompt of {longest} tokens + {a.max_new_tokens} new tokens exceeds the model's context "
+        f"of {config.max_position_embeddings}; shorten the prompt or lower --max-new-tokens")
+  # No streaming buffer larger than what this run can hold (full attention's cache).
+  capacity = min(round_up(longest + a.max_new_tokens, 16), config.max_position_embeddings)
+  sink = serving.DEPLOY_SINK if a.sink is None else a.sink
+  recent = serving.DEPLOY_RECENT if a.recent is None else a.recent
+  sink_c, recent_c = validate.capped_window(sink, recent, capacity)
+  if (sink_c, recent_c) != (sink, recent) and (a.sink is not None or a.recent is not None):
+    print(f"duojax.infer: note: --sink {sink} + --recent {recent} exceed the {capacity} tokens "
+          f"this run holds (prompt {longest} + {a.max_new_tokens} new, rounded up); using sink "
+          f"{sink_c} + recent {recent_c}: the same attention, a smaller cache", file=sys.stderr)
+  settings = DuoSettings(sink=sink_c, recent=recent_c, prefill_chunk=a.prefill_chunk)
   sampling = SamplingSettings(a.temperature, a.top_p)
-  m = load_model(a.ckpt, a.attention, a.pattern, a.sparsity, a.threshold, settings.sink,
-                 settings.recent, parse_dtype(a.dtype), a.seed, progress=not a.json,
-                 compensation=a.compensation)
-  if a.prompt_file:
-    try:
-      texts = [open(a.prompt_file, encoding="utf-8").read()]
-    except OSError as e:
-      raise InputError(f"cannot read --prompt-file: {e}") from e
-  else:
-    texts = a.prompt
-  prompts = [m.encode_prompt(t, a.chat) for t in texts]
+  m = serving.load_model(str(folder), a.attention, a.pattern, a.sparsity, a.threshold,
+                         settings.sink, settings.recent, serving.parse_dtype(a.dtype), a.seed,
+                         progress=not a.json, compensation=a.compensation, tokenizer=tok)
+  if not a.json:
+    print("duojax.infer: compiling prefill and decode (about 30 s on a CPU the first time; "
+          "later runs reuse the compiled programs)...", file=sys.stderr, flush=True)
   r = generate(m.params, m.config, prompts, a.max_new_tokens, m.mask, settings.prefill_chunk,
-               sampling, a.seed, resolve_backend(a.backend), compensation=m.compensation)
+               sampling, a.seed, backend, compensation=m.compensation)
   eos = set(m.config.eos_token_ids)
   outs = [m.tokenizer.decode([t for t in row if t not in eos], skip_special_tokens=True)
           for row in r.tokens]
@@ -94,11 +150,18 @@ def run(a) -> dict:
 
 def main(argv=None) -> int:
   a = build_parser().parse_args(argv)
+  if argv is None:  # a real command line (tests call main(argv) and keep JAX's settings)
+    enable_compile_cache()
+    # transformers' advice that PyTorch is missing: duojax needs none.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   try:
     info = run(a)
   except (InputError, CheckpointError, ConfigError, PatternError, ValueError) as e:
     print(f"duojax.infer: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("duojax.infer: interrupted", file=sys.stderr)
+    return 130
   if a.json:
     print(json.dumps(info))
   else:

@@ -40,6 +40,10 @@ PATTERN_JSON = "pattern.json"
 GATES_DIR = "gates"
 REFERENCE_TSV = "full_attention_heads.tsv"
 REFERENCE_CONFIG = "config.json"
+# The official gate files end slightly outside [0, 1] (AdamW steps after the last
+# clamp): down to -0.0014 in the six folders in shared/data. Such values are
+# clipped; anything further out is not a gate file and is rejected.
+REFERENCE_TOLERANCE = 0.01
 
 
 class PatternError(ValueError):
@@ -179,7 +183,8 @@ class HeadPattern:
   `{"threshold": t, "strict": bool}`); `mask()` applies it.
 
   Values outside [0, 1] are rejected unless `clip=True` (the reference TSV
-  reader clips, since trained gates end slightly below 0).
+  reader clips, since trained gates end slightly below 0; it rejects values
+  more than REFERENCE_TOLERANCE outside).
   """
 
   def __init__(self, gates, sink: int, recent: int,
@@ -243,16 +248,20 @@ class HeadPattern:
                *, strict: bool = False) -> HeadMask:
     """Binary mask from the gates; pass exactly one of `sparsity` / `threshold`.
 
-    sparsity: fraction of all N = L * Hkv (layer, KV head) pairs that become
-      streaming. Exactly `round(sparsity * N)` heads stream (Python's round:
-      half to even), so the count never depends on float noise in a quantile.
-      Heads are ranked by gate ascending and the lowest become streaming; among
-      equal gates the one with the lower flat index (layer-major: layer, then
-      head) becomes streaming first. This equals the reference rule
-      `retrieval iff gate >= quantile(gates, sparsity)` except at ties.
+    sparsity: the official DuoAttention rule over all N = L * Hkv (layer, KV
+      head) gates: `threshold = np.quantile(gates, sparsity)` (linear
+      interpolation), retrieval iff gate >= threshold. The official code adds
+      tiny random noise to the gates first, which makes them distinct; with
+      distinct gates exactly `n_streaming(N, sparsity) = ceil(sparsity * (N -
+      1))` of them fall below the quantile (so sparsity 1 still keeps one
+      head). We reproduce that count deterministically, without noise: heads
+      are ranked by gate ascending, ties broken by flat index (layer-major:
+      layer, then head; the lower index streams first), and the first
+      `n_streaming` stream. With distinct gates this is exactly the official
+      mask; with ties it is the official mask for one draw of its noise.
     threshold: retrieval iff gate >= threshold (gate > threshold with
-      `strict=True`, the retrieval-score rule). Compared in float64 against the
-      exact float32 gate values.
+      `strict=True`, the retrieval-score rule); the threshold must lie in [0, 1].
+      Compared in float64 against the exact float32 gate values.
     """
     if (sparsity is None) == (threshold is None):
       raise PatternError(
@@ -261,6 +270,9 @@ class HeadPattern:
     g = self._gates.astype(np.float64)
     if threshold is not None:
       t = _finite_float("threshold", threshold)
+      if not 0.0 <= t <= 1.0:
+        raise PatternError(f"threshold must lie in [0, 1] (gates do), got {t}; pass a gate "
+                           "value, or use sparsity= for a fraction of streaming heads")
       keep = g > t if strict else g >= t
     else:
       s = _finite_float("sparsity", sparsity)
@@ -269,7 +281,7 @@ class HeadPattern:
       if strict:
         raise PatternError("strict= applies only to threshold=; drop it for sparsity=")
       flat = g.reshape(-1)
-      n_stream = int(round(s * flat.size))
+      n_stream = n_streaming(flat.size, s)
       # A stable sort keeps equal gates in flat-index order, which is the tie rule.
       rank = np.argsort(flat, kind="stable")
       keep = np.ones(flat.size, np.bool_)
@@ -435,6 +447,14 @@ def read_reference_tsv(path) -> np.ndarray:
   arr = np.asarray(rows, dtype=np.float32)
   if not np.all(np.isfinite(arr)):
     raise PatternError(f"{path} holds NaN or inf gates; fix or re-run identification")
+  far = (arr < -REFERENCE_TOLERANCE) | (arr > 1 + REFERENCE_TOLERANCE)
+  if far.any():
+    r, c = (int(x) for x in np.argwhere(far)[0])
+    raise PatternError(
+        f"{path} row {r + 1} (layer {r}), column {c + 1} (KV head {c}) holds gate "
+        f"{float(arr[r, c]):.6g}, far outside [0, 1] ({int(far.sum())} such value(s)); trained "
+        f"gates lie in [0, 1] up to +-{REFERENCE_TOLERANCE} (those are clipped); this file "
+        "holds something else (scores? logits?): rescale it into [0, 1] or re-export it")
   return arr
 
 
@@ -461,6 +481,19 @@ def random_pattern(num_layers: int, num_kv_heads: int, seed: int,
 
 
 # --- helpers ---------------------------------------------------------------
+
+def n_streaming(n: int, sparsity: float) -> int:
+  """Streaming heads of N under the official quantile rule: ceil(sparsity * (N - 1)).
+
+  The number of distinct values strictly below `np.quantile(values, sparsity)`
+  (linear). Computed from the exact rational position so float noise in
+  `sparsity * (N - 1)` (0.7 * 10 = 7.000000000000001) cannot add a head.
+  """
+  from fractions import Fraction
+  if n < 1:
+    return 0
+  return int(math.ceil(Fraction(float(sparsity)).limit_denominator(10**9) * (n - 1)))
+
 
 def _finite_float(name: str, v: Any) -> float:
   try:

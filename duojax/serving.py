@@ -88,12 +88,14 @@ def make_mask(config: ModelConfig, attention: str, pattern: HeadPattern | None,
 def load_model(ckpt: str | None = None, attention: str | None = None, pattern: str | None = None,
                sparsity: float | None = None, threshold: float | None = None,
                sink: int | None = None, recent: int | None = None, dtype=None,
-               seed: int = 0, progress: bool = True, compensation: bool = False) -> LoadedModel:
+               seed: int = 0, progress: bool = True, compensation: bool = False,
+               tokenizer=None) -> LoadedModel:
   """ckpt: a checkpoint folder or an embedded name (default `smollm2-135m`).
 
   attention None picks `duo` when a pattern is given or the checkpoint has a
   default one, else `full`. compensation: serve streaming heads with
   RazorAttention's compensation token (pass `m.compensation` on to `generate`).
+  tokenizer: one already loaded from this checkpoint (else it is loaded here).
   """
   folder = resolve_checkpoint(ckpt, progress=progress)
   config = store.load_config(folder)
@@ -110,8 +112,8 @@ def load_model(ckpt: str | None = None, attention: str | None = None, pattern: s
   params = store.load_params(folder, dtype=dtype)
   if mask is not None:
     params = llama.apply_head_mask(params, mask)
-  return LoadedModel(config, params, store.load_tokenizer(folder), mask, pat, attention, folder,
-                     compensation)
+  tok = tokenizer if tokenizer is not None else store.load_tokenizer(folder)
+  return LoadedModel(config, params, tok, mask, pat, attention, folder, compensation)
 
 
 def parse_dtype(name: str | None):

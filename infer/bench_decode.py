@@ -25,6 +25,9 @@ compiled executable), i.e. what a run with capacity = context holds.
 HF transformers runs first, in a child process (PyTorch alone on the GPU):
 LlamaForCausalLM, attn_implementation="sdpa", a StaticCache filled with random
 values, one token per step, eager; timed with CUDA events, median of the steps.
+In the same child, the strong peer (infer/torch_peer.py, unless --no-peer): our own
+torch Llama step, sdpa with GQA over a static cache, the whole step captured in a
+CUDA graph (the gpt-fast approach), batch 1 and the --batches > 1.
 Writes bench_decode.json, bench_decode.md and bench_decode.png into --out.
 """
 
@@ -92,21 +95,8 @@ def torch_copy_GBps(nbytes=2 * 2**30):
   import torch
   if not torch.cuda.is_available():
     return None
-  t = torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-  for _ in range(3):
-    t.clone()
-  ts = []
-  for _ in range(10):
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    u = t.clone()
-    b.record()
-    torch.cuda.synchronize()
-    ts.append(a.elapsed_time(b) / 1e3)
-    del u
-  del t
-  torch.cuda.empty_cache()
-  return 2 * nbytes / statistics.median(ts) / 1e9
+  import torch_peer  # infer/ is this script's folder, so it is on sys.path
+  return torch_peer.copy_GBps(nbytes)
 
 
 def hf_worker(args):
@@ -179,7 +169,30 @@ def hf_worker(args):
     del model
     if dev == "cuda":
       torch.cuda.empty_cache()
-  Path(args.hf_json).write_text(json.dumps({"rows": rows, "torch_copy_GBps": copy}))
+  peer_rows = []
+  if args.peer:  # the gpt-fast-style peer: sdpa over a static cache, the step in a CUDA graph
+    import torch_peer
+    for name, config in model_configs(args.smoke).items():
+      if name not in args.models.split(",") and not args.smoke:
+        continue
+      ctxs = contexts(args)
+      if config.num_kv_heads == config.num_heads and not args.smoke:
+        ctxs = [int(c) * K for c in args.hf_contexts_mha.split(",")]
+      batches_ = [1] + [b for b in map(int, args.batches.split(",")) if b > 1]
+      for b in batches_:
+        cs = ctxs if b == 1 else [c for c in ctxs if c <= args.max_batch_ctx * K or args.smoke]
+        peer_rows += torch_peer.measure(name, peer_config(config), [b], cs, 8, copy,
+                                        dev == "cuda")
+  Path(args.hf_json).write_text(json.dumps({"rows": rows, "peer": peer_rows,
+                                            "torch_copy_GBps": copy}))
+
+
+def peer_config(config) -> dict:
+  return {"num_layers": config.num_layers, "num_heads": config.num_heads,
+          "num_kv_heads": config.num_kv_heads, "head_dim": config.head_dim,
+          "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+          "vocab_size": config.vocab_size, "rms_eps": config.rms_norm_eps,
+          "rope_theta": config.rope_theta}
 
 
 # -- JAX -----------------------------------------------------------------------------------
@@ -338,20 +351,29 @@ def summarize(rows, hf_rows, meta):
   lines = [f"Device {meta['device']}, {meta['date']}; copy {meta['copy_GBps']:.0f} GB/s "
            f"(read + write); `{meta['command']}`", "",
            "| model | B | ctx | config | ms/token | floor ms | x floor | peak GB | HF ms/token "
-           "| HF / ours |", "|---|---|---|---|---|---|---|---|---|---|"]
-  hf = {(r["model"], r["ctx"]): r for r in hf_rows}
+           "| HF / ours | peer ms/token | peer / ours |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  hf = {(r["model"], r["batch"], r["ctx"]): r for r in hf_rows
+        if r.get("impl", "").startswith("hf")}
+  peer = {(r["model"], r["batch"], r["ctx"]): r for r in hf_rows
+          if r.get("impl", "").startswith("torch")}
+
+  def other(table, r):
+    h = table.get((r["model"], r["batch"], r["ctx"]))
+    hs = "-" if h is None else (f"{h['ms_per_token']:.2f}" if "ms_per_token" in h else "OOM")
+    ratio = (f"{h['ms_per_token'] / r['ms_per_token']:.2f}x"
+             if h and "ms_per_token" in h and "ms_per_token" in r else "-")
+    return hs, ratio
+
   for r in rows:
-    h = hf.get((r["model"], r["ctx"])) if r["batch"] == 1 else None
-    hs = ("-" if h is None else (f"{h['ms_per_token']:.1f}" if "ms_per_token" in h else "OOM"))
+    (hs, hr), (ps, pr) = other(hf, r), other(peer, r)
     if "ms_per_token" not in r:
       lines.append(f"| {r['model']} | {r['batch']} | {kfmt(r['ctx'])} | {r['config']} | "
-                   f"{r.get('error', '-')} | | | | {hs} | |")
+                   f"{r.get('error', '-')} | | | | {hs} | | {ps} | |")
       continue
-    ratio = (f"{h['ms_per_token'] / r['ms_per_token']:.1f}x" if h and "ms_per_token" in h
-             else "-")
     lines.append(f"| {r['model']} | {r['batch']} | {kfmt(r['ctx'])} | {r['config']} | "
                  f"{r['ms_per_token']:.2f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} | "
-                 f"{r['peak_GB']:.1f} | {hs} | {ratio} |")
+                 f"{r['peak_GB']:.1f} | {hs} | {hr} | {ps} | {pr} |")
   # duo / full speed-ups at equal (model, batch, ctx)
   full = {(r["model"], r["batch"], r["ctx"]): r for r in rows
           if r.get("config") == "full" and "ms_per_token" in r}
@@ -382,10 +404,14 @@ def plot(rows, hf_rows, path):
       line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"duojax {cfg}")
       ax.plot([p[0] for p in pts], [p[2] for p in pts], ":", color=line.get_color(),
               label=f"floor {cfg}")
-    hp = sorted((r["ctx"], r["ms_per_token"]) for r in hf_rows
-                if r["model"] == m and "ms_per_token" in r)
-    if hp:
-      ax.plot([p[0] for p in hp], [p[1] for p in hp], "s--", color="gray", label="HF sdpa")
+    for impl, style, label in (("hf", "s--", "HF sdpa (eager)"),
+                               ("torch", "^--", "torch sdpa + CUDA graph")):
+      hp = sorted((r["ctx"], r["ms_per_token"]) for r in hf_rows
+                  if r["model"] == m and r.get("batch", 1) == 1 and "ms_per_token" in r
+                  and r.get("impl", "").startswith(impl))
+      if hp:
+        ax.plot([p[0] for p in hp], [p[1] for p in hp], style, color="gray", label=label,
+                alpha=1.0 if impl == "torch" else 0.6)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context (tokens)")
@@ -432,7 +458,9 @@ def main(argv=None):
   ap.add_argument("--backend", default="auto")
   ap.add_argument("--unfused", action="store_true",
                   help="also time duo without the fused duo_decode op (batch 1)")
-  ap.add_argument("--no-hf", action="store_true")
+  ap.add_argument("--no-hf", action="store_true", help="skip the PyTorch child (HF and peer)")
+  ap.add_argument("--no-peer", dest="peer", action="store_false",
+                  help="skip the CUDA-graph PyTorch peer (infer/torch_peer.py) in the child")
   ap.add_argument("--hf-models", default="llama3-8b,llama2-7b")
   ap.add_argument("--hf-contexts", default="8,32,128,256")
   ap.add_argument("--hf-contexts-mha", default="8,32,64",
@@ -461,7 +489,8 @@ def main(argv=None):
     hf_json = out / "hf_rows.json"
     cmd = [sys.executable, __file__, "--hf-worker", "--out", str(out), "--hf-json", str(hf_json),
            "--models", args.hf_models, "--contexts", args.hf_contexts, "--steps", "8",
-           "--hf-contexts-mha", args.hf_contexts_mha]
+           "--hf-contexts-mha", args.hf_contexts_mha, "--batches", args.batches,
+           "--max-batch-ctx", str(args.max_batch_ctx)] + (["--no-peer"] if not args.peer else [])
     if args.smoke:
       cmd.append("--smoke")
     t0 = time.perf_counter()
@@ -469,7 +498,7 @@ def main(argv=None):
     print(f"[hf] done in {time.perf_counter() - t0:.0f}s (rc {r.returncode})", flush=True)
     if hf_json.exists():
       hf = json.loads(hf_json.read_text())
-      hf_rows, torch_copy = hf["rows"], hf.get("torch_copy_GBps")
+      hf_rows, torch_copy = hf["rows"] + hf.get("peer", []), hf.get("torch_copy_GBps")
 
   import jax
   from duojax.attention import dispatch

@@ -47,3 +47,106 @@ def essays_text():
   if not d.is_dir():
     pytest.skip(f"{d} not found (CI keeps shared/ beside the clone)")
   return "\n\n".join(p.read_text() for p in sorted(d.glob("*.txt")))
+
+
+# -- a tiny GGUF with a byte-level BPE tokenizer (first-run, CLI and concurrency tests) --------
+
+def _byte_alphabet() -> list[str]:
+  """GPT-2's printable stand-in for each of the 256 bytes (the byte-level BPE alphabet)."""
+  keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+  chars, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      chars[b] = chr(b)
+    else:
+      chars[b] = chr(256 + extra)
+      extra += 1
+  return [chars[b] for b in range(256)]
+
+
+TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "r e"]
+TINY_CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_tiny_gguf(path, layers: int = 2, context: int = 512, seed: int = 0):
+  """A random-weight llama GGUF (F32) whose tokenizer is byte-level BPE, like SmolLM2's."""
+  import gguf
+  import numpy as np
+  tokens = TINY_SPECIALS + _byte_alphabet() + [m.replace(" ", "") for m in TINY_MERGES]
+  types = [3] * len(TINY_SPECIALS) + [1] * (len(tokens) - len(TINY_SPECIALS))
+  e, ff, hq, hkv, d = 32, 64, 4, 2, 8
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_name("tiny test model")
+  w.add_block_count(layers)
+  w.add_context_length(context)
+  w.add_embedding_length(e)
+  w.add_feed_forward_length(ff)
+  w.add_head_count(hq)
+  w.add_head_count_kv(hkv)
+  w.add_layer_norm_rms_eps(1e-5)
+  w.add_rope_freq_base(10000.0)
+  w.add_vocab_size(len(tokens))
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("smollm")
+  w.add_token_list(tokens)
+  w.add_token_types(types)
+  w.add_token_merges(TINY_MERGES)
+  w.add_bos_token_id(1)
+  w.add_eos_token_id(2)
+  w.add_unk_token_id(0)
+  w.add_pad_token_id(2)
+  w.add_add_bos_token(False)
+  w.add_chat_template(TINY_CHAT)
+  rng = np.random.default_rng(seed)
+  r = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)
+  w.add_tensor("token_embd.weight", r(len(tokens), e))
+  for i in range(layers):
+    w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(e, np.float32))
+    w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(e, np.float32))
+    w.add_tensor(f"blk.{i}.attn_q.weight", r(hq * d, e))
+    w.add_tensor(f"blk.{i}.attn_k.weight", r(hkv * d, e))
+    w.add_tensor(f"blk.{i}.attn_v.weight", r(hkv * d, e))
+    w.add_tensor(f"blk.{i}.attn_output.weight", r(e, hq * d))
+    w.add_tensor(f"blk.{i}.ffn_gate.weight", r(ff, e))
+    w.add_tensor(f"blk.{i}.ffn_up.weight", r(ff, e))
+    w.add_tensor(f"blk.{i}.ffn_down.weight", r(e, ff))
+  w.add_tensor("output_norm.weight", np.ones(e, np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_pkg(tmp_path_factory):
+  """(folder to put on sys.path, module name, GGUF file name): a fake model package holding
+  a tiny GGUF, so subprocesses can register it as an embedded model."""
+  root = tmp_path_factory.mktemp("tiny_pkg")
+  pkg = root / "duojax_tiny_model"
+  pkg.mkdir()
+  (pkg / "__init__.py").write_text("")
+  write_tiny_gguf(pkg / "Tiny-Test-Instruct.F32.gguf")
+  return root, "duojax_tiny_model", "Tiny-Test-Instruct.F32.gguf"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_gguf_pkg, tmp_path_factory):
+  """The tiny GGUF converted by duojax.convert (weights, tokenizer from the GGUF, no pattern)."""
+  from duojax.convert import convert_gguf
+  root, mod, name = tiny_gguf_pkg
+  return convert_gguf(root / mod / name, tmp_path_factory.mktemp("tiny") / "ckpt", progress=False)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+  """Fails the test if a checkpoint is resolved or weights are loaded (argument checks
+  must come first)."""
+  from duojax.checkpoint import embedded, store
+
+  def boom(*a, **k):
+    raise AssertionError("the model was loaded before the arguments were checked")
+  monkeypatch.setattr(embedded, "resolve_checkpoint", boom)
+  monkeypatch.setattr(store, "load_params", boom)

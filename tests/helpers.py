@@ -28,3 +28,10 @@ def tiny_hf_tokenizer():
   t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
   return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>",
                                  eos_token="</s>")
+
+
+def params_from_torch(model, cfg):
+  """Our params from an HF torch model's state dict (weights only, no files)."""
+  from duojax.checkpoint.hf import params_from_hf_state
+  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  return jax.tree_util.tree_map(jnp.asarray, params_from_hf_state(sd.__getitem__, cfg))

@@ -14,6 +14,7 @@ from duojax.data import (NATO, HaystackTokens, MultiPasskeyConfig, NeedleTask,
                          build_niah_prompt, build_passkey_prompt, contains_answer,
                          depth_grid, iter_samples, load_haystack, make_sample, ordinal,
                          rouge1_recall)
+from duojax.data.passkey import special_prefix
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ESSAYS = DATA / "paul_graham_essays"
@@ -189,8 +190,10 @@ def _check_sample(s, tok, cfg):
   assert s.input_ids.dtype == np.int32 and s.loss_mask.dtype == np.bool_
   assert s.loss_mask.shape == (n,)
   assert not s.loss_mask[:s.context_len].any() and s.loss_mask[s.context_len:].all()
-  assert s.context_len in cfg.length_grid()
-  assert cfg.min_len <= s.context_len <= cfg.max_len
+  # the whole sample (prefix + context + tail) has the drawn length, within max_len
+  assert n in cfg.length_grid()
+  assert cfg.min_len <= n <= cfg.max_len
+  assert s.input_ids[:s.prefix_len].tolist() == special_prefix(tok)
   assert len(s.passkeys) == len(s.depths) == len(s.needle_spans) == cfg.num_passkeys
   assert all(len(p.split()) == cfg.passkey_words for p in s.passkeys)
   assert all(w in NATO for p in s.passkeys for w in p.split())
@@ -199,7 +202,7 @@ def _check_sample(s, tok, cfg):
   starts = [a for a, _ in s.needle_spans]
   assert starts == sorted(starts)
   assert all(e <= s.context_len for _, e in s.needle_spans)
-  context = tok.decode(s.input_ids[:s.context_len].tolist())
+  context = tok.decode(s.input_ids[s.prefix_len:s.context_len].tolist())
   tail = tok.decode(s.input_ids[s.context_len:].tolist())
   for i, (p, (a, b)) in enumerate(zip(s.passkeys, s.needle_spans)):
     assert context.count(p) == 1 and tail.count(p) == 1
@@ -219,8 +222,7 @@ def test_passkey_sample_on_essays(essay_chars):
   for step in range(4):
     s = make_sample(essay_chars, tok, cfg, step)
     _check_sample(s, tok, cfg)
-    tail_len = len(s.input_ids) - s.context_len
-    assert len(s.input_ids) <= cfg.max_len + tail_len
+    assert len(s.input_ids) <= cfg.max_len
     # each needle sits at a sentence start at or after its depth
     needle_len = 0
     hay_len = s.context_len - sum(b - a for a, b in s.needle_spans)
@@ -245,7 +247,7 @@ def test_passkey_determinism(essay_chars):
   assert c.passkeys != a.passkeys and c.depths != a.depths
   other_seed = make_sample(essay_chars, tok, dataclasses.replace(cfg, seed=8), 5)
   assert other_seed.passkeys != a.passkeys
-  lengths = {make_sample(essay_chars, tok, cfg, i).context_len for i in range(12)}
+  lengths = {len(make_sample(essay_chars, tok, cfg, i).input_ids) for i in range(12)}
   assert len(lengths) > 2
   resumed = list(iter_samples(essay_chars, tok, cfg, start_step=5, num_steps=2))
   assert [s.step for s in resumed] == [5, 6]

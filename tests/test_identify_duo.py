@@ -46,34 +46,78 @@ def _train(setup, out, tc=TC, **kw):
   return duo.train_gates(params, CFG, CharTok(), hay, tc, out, progress=False, **kw)
 
 
-def test_loss_falls_gates_stay_in_range_only_gates_train(setup, tmp_path):
-  params, _ = setup
-  before = jax.tree_util.tree_map(np.asarray, params)
-  state = _train(setup, tmp_path)
+def _manual_run(setup, tc, student="deployed"):
+  """train_gates' recipe written out: gate_loss's gradient on the *original* weights,
+  AdamW, clip to [0, 1]; returns the gates and per-step (loss, distill, reg)."""
+  import optax
+  from duojax.data.passkey import MultiPasskeyConfig
+  from duojax.model import llama
+  params, hay = setup
+  dc = MultiPasskeyConfig(num_passkeys=tc.num_passkeys, passkey_words=tc.passkey_words,
+                          min_len=tc.min_len, max_len=tc.max_len,
+                          len_intervals=tc.len_intervals, seed=tc.seed)
+  stacked = llama.stack_layers(params)
+  opt = duo.make_optimizer(tc)
+  gates = jnp.full((CFG.num_layers, CFG.num_kv_heads), tc.init_gate, jnp.float32)
+  opt_state, recs = opt.init(gates), []
+  vg = jax.jit(jax.value_and_grad(
+      lambda g, p, t, l, m: duo.gate_loss(g, p, CFG, t, l, m, sink=tc.sink, recent=tc.recent,
+                                          reg=tc.reg, student=student, remat=False),
+      has_aux=True))
+  for step in range(tc.steps):
+    tokens, lengths, mask = duo.make_batch(hay, CharTok(), dc, tc, step)
+    (loss, aux), g = vg(gates, stacked, tokens, lengths, mask)
+    updates, opt_state = opt.update(g, opt_state, gates)
+    gates = jnp.clip(optax.apply_updates(gates, updates), 0.0, 1.0)
+    recs.append((float(loss), float(aux["distill"]), float(aux["reg"])))
+  return np.asarray(gates), recs
+
+
+@pytest.mark.parametrize("student", ["deployed", "official"])
+def test_training_is_gate_loss_on_frozen_weights(setup, tmp_path, student):
+  """Every step of train_gates equals a hand-written step of gate_loss's gradient on the
+  original weights: a changed weight, another loss or gradient, or a different student
+  moves the gates or the logged values. The optimizer holds state for the gates only."""
+  import dataclasses
+  tc = dataclasses.replace(TC, steps=3, student=student)
+  state = _train(setup, tmp_path, tc)
   log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
-  assert len(log) == TC.steps
-  assert log[-1]["loss"] < log[0]["loss"]
+  gates, recs = _manual_run(setup, tc, student)
+  np.testing.assert_allclose(np.asarray(state.gates), gates, rtol=1e-5, atol=1e-6)
+  for rec, (loss, distill, reg) in zip(log, recs):
+    assert rec["loss"] == pytest.approx(loss, rel=1e-4)
+    assert rec["distill"] == pytest.approx(distill, rel=1e-4, abs=1e-9)
+    assert rec["reg"] == pytest.approx(reg, rel=1e-6)
+  assert recs[-1][1] > 1e-6  # the distillation term is live, not just the regulariser
   g = np.asarray(state.gates)
-  assert g.shape == (CFG.num_layers, CFG.num_kv_heads)
   assert (g >= 0).all() and (g <= 1).all() and (g < 1).any()
-  # frozen weights untouched, and the optimizer holds state for the gates only
-  for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(params)):
-    np.testing.assert_array_equal(a, np.asarray(b))
   shapes = {np.shape(x) for x in jax.tree_util.tree_leaves(state.opt_state)}
   assert shapes <= {(), g.shape}
 
 
-def test_all_gates_one_student_equals_teacher(setup):
+def test_the_two_students_train_differently(setup, tmp_path):
+  """On 2 layers the official student (teacher's full branch) and the deployed one
+  (student's own) give different distillation losses and gates after a few steps."""
+  import dataclasses
+  a = _manual_run(setup, dataclasses.replace(TC, steps=4), "deployed")
+  b = _manual_run(setup, dataclasses.replace(TC, steps=4), "official")
+  assert abs(a[1][-1][1] - b[1][-1][1]) > 0.01 * a[1][-1][1]
+  assert np.abs(a[0] - b[0]).max() > 1e-4
+
+
+@pytest.mark.parametrize("student", ["deployed", "official"])
+def test_all_gates_one_student_equals_teacher(setup, student):
   params, hay = setup
   from duojax.data.passkey import MultiPasskeyConfig
   dc = MultiPasskeyConfig(num_passkeys=1, passkey_words=2, min_len=250, max_len=330,
                           len_intervals=2, seed=0)
   tokens, lengths, mask = duo.make_batch(hay, CharTok(), dc, TC, 0)
   ones = jnp.ones((CFG.num_layers, CFG.num_kv_heads))
-  loss, aux = duo.distill_loss(ones, params, CFG, tokens, lengths, mask, 4, 8, 0.05)
+  kw = dict(sink=4, recent=8, reg=0.05, student=student)
+  loss, aux = duo.gate_loss(ones, params, CFG, tokens, lengths, mask, **kw)
   assert float(aux["distill"]) < 1e-12
-  half = ones * 0.5
-  _, aux = duo.distill_loss(half, params, CFG, tokens, lengths, mask, 4, 8, 0.05)
+  assert float(loss) == pytest.approx(0.05)  # reg * mean|1|
+  _, aux = duo.gate_loss(ones * 0.5, params, CFG, tokens, lengths, mask, **kw)
   assert float(aux["distill"]) > 1e-6  # the streaming branch really differs
 
 
@@ -126,6 +170,8 @@ def test_bad_input(setup, tmp_path):
   params, hay = setup
   with pytest.raises(duo.TrainError, match="greater than"):
     duo.GateTrainConfig(min_len=500, max_len=100)
+  with pytest.raises(duo.TrainError, match="--student must be one of"):
+    duo.GateTrainConfig(student="teacher")
   short = HaystackTokens(TEXT[:300], CharTok(), line_breaks=False)
   with pytest.raises(duo.TrainError, match="longer haystack"):
     duo.train_gates(params, CFG, CharTok(), short, TC, tmp_path / "s", progress=False)
@@ -160,11 +206,12 @@ def test_cli_end_to_end(setup, tmp_path, monkeypatch):
                  "sink: 4\nrecent: 8\npad_multiple: 128\ndtype: float32\n")
   out = tmp_path / "out"
   rc = main(["duo", "--config", str(yml), "--ckpt", str(ck), "--haystack", str(hay), "--out",
-             str(out), "--set-default"])
+             str(out), "--set-default", "--student", "official"])
   assert rc == 0
   assert (out / "gates.png").stat().st_size > 1000
   pat = load_any(out / "pattern")
   assert pat.shape == (2, 2) and pat.metadata["method"] == "duo"
+  assert pat.metadata["train_settings"]["student"] == "official"
   assert (out / "pattern" / "full_attention_heads.tsv").is_file()
   assert store.default_pattern_dir(ck) is not None
   rc = main(["duo", "--ckpt", str(ck), "--haystack", str(hay), "--out", str(tmp_path / "o2"),

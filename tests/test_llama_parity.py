@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import jax
-import jax.numpy as jnp
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from duojax.checkpoint.hf import hf_state_from_params, params_from_hf_state
+from duojax.checkpoint.hf import hf_state_from_params
 from duojax.config import RopeScaling, tiny_config
+from helpers import params_from_torch
 from duojax.engine import forward_logits, generate
 
 CONFIGS = {
@@ -26,9 +25,7 @@ CONFIGS = {
 def _hf_model(cfg, seed=0):
   torch.manual_seed(seed)
   model = LlamaForCausalLM(LlamaConfig(**cfg.to_hf())).eval()
-  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  params = jax.tree_util.tree_map(jnp.asarray, params_from_hf_state(sd.__getitem__, cfg))
-  return model, params
+  return model, params_from_torch(model, cfg)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -1,6 +1,7 @@
 """HeadPattern / HeadMask: binarisation, file formats, validation."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -68,7 +69,10 @@ def test_reference_binarize_counts(folder, sparsity):
   m = p.binarize(sparsity=sparsity)
   keep = m.as_array()
   n = keep.size
-  assert int((~keep).sum()) == round(sparsity * n)
+  # the official rule: retrieval iff gate >= np.quantile(gates, sparsity)
+  assert int((~keep).sum()) == math.ceil(sparsity * (n - 1))
+  if len(np.unique(p.gates)) == n:
+    np.testing.assert_array_equal(keep, p.gates >= np.quantile(p.gates, sparsity))
   # Every streaming gate is <= every retrieval gate.
   assert p.gates[~keep].max() <= p.gates[keep].min()
   m.check_fits(*p.shape)
@@ -188,12 +192,14 @@ def test_tie_break_lower_flat_index_streams_first():
                                                             [True, True, True]]
 
 
-def test_streaming_count_uses_round_half_to_even():
+def test_streaming_count_is_the_official_quantile_count():
   p = HeadPattern(np.linspace(0, 1, 6, dtype=np.float32).reshape(2, 3), 4, 8)
-  assert (~p.binarize(sparsity=0.25).as_array()).sum() == 2  # 1.5 -> 2
-  assert (~p.binarize(sparsity=0.75).as_array()).sum() == 4  # 4.5 -> 4
+  assert (~p.binarize(sparsity=0.25).as_array()).sum() == 2  # ceil(0.25 * 5) = 2
+  assert (~p.binarize(sparsity=0.75).as_array()).sum() == 4  # ceil(3.75) = 4
+  assert (~p.binarize(sparsity=0.5).as_array()).sum() == 3  # ceil(2.5) = 3
   assert p.binarize(sparsity=0.0).retrieval_fraction == 1.0
-  assert p.binarize(sparsity=1.0).retrieval_fraction == 0.0
+  # gate >= quantile(gates, 1) = max keeps the top head, as the official rule does
+  assert p.binarize(sparsity=1.0).retrieval_fraction == 1 / 6
 
 
 def test_binarize_is_deterministic():

@@ -35,9 +35,10 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   rows), never NaN. Logits and softmax in fp32; output in q's dtype.
   """
   scale = q.shape[-1] ** -0.5
-  s = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=jnp.float32) * scale
+  ct = jnp.promote_types(q.dtype, jnp.float32)  # fp32, or fp64 under x64 (gradient checks)
+  s = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=ct) * scale
   if logit_bias is not None:
-    s = s + logit_bias[:, :, None].astype(jnp.float32)
+    s = s + logit_bias[:, :, None].astype(ct)
   m4 = mask[:, :, None]  # [B, Hkv, 1, T, S]
   s = jnp.where(m4, s, -jnp.inf)
   mx = jnp.max(s, axis=-1, keepdims=True)
@@ -45,7 +46,7 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   p = jnp.where(m4, jnp.exp(s - mx), 0.0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
   p = p / jnp.maximum(denom, 1e-30)
-  out = jnp.einsum("bhgts,bshd->bthgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = jnp.einsum("bhgts,bshd->bthgd", p.astype(v.dtype), v, preferred_element_type=ct)
   return out.astype(q.dtype)
 
 
@@ -74,9 +75,11 @@ def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array,
                     lengths: jax.Array, sink: int, recent: int) -> jax.Array:
   """DuoAttention's training mix: alpha * full + (1 - alpha) * streaming.
 
-  gates [Hkv] (one alpha per KV head, shared by its G query heads). Shapes as
-  in `dense_attention`. The logits are computed once and softmaxed under both
-  masks, since the streaming mask is a subset of the causal one.
+  gates [Hkv] (one alpha per KV head, shared by its G query heads), used as
+  given: the caller clamps them into [0, 1] (gate training with a straight-through
+  gradient, `identify.duo.clamp01`). Shapes as in `dense_attention`. The logits
+  are computed once and softmaxed under both masks, since the streaming mask is
+  a subset of the causal one.
   """
   b, t = q.shape[:2]
   pos = jnp.arange(t)
@@ -84,7 +87,8 @@ def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array,
   causal = causal_mask(pos, pos)[None] & valid[:, None, :]  # [B, T, T]
   stream = streaming_mask(pos, pos, sink, recent)[None] & valid[:, None, :]
   scale = q.shape[-1] ** -0.5
-  s = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=jnp.float32) * scale
+  ct = jnp.promote_types(q.dtype, jnp.float32)
+  s = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=ct) * scale
   s = jnp.where(causal[:, None, None], s, -jnp.inf)
   mx = jnp.max(s, axis=-1, keepdims=True)  # the causal max bounds the streaming one too
   mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
@@ -93,9 +97,9 @@ def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array,
   e_s = jnp.where(stream[:, None, None], e, 0.0)
   p_full = e / jnp.maximum(e.sum(-1, keepdims=True), 1e-30)
   p_stream = e_s / jnp.maximum(e_s.sum(-1, keepdims=True), 1e-30)
-  a = jnp.clip(gates.astype(jnp.float32), 0, 1)[None, :, None, None, None]
+  a = gates.astype(ct)[None, :, None, None, None]
   p = a * p_full + (1 - a) * p_stream
-  out = jnp.einsum("bhgts,bshd->bthgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = jnp.einsum("bhgts,bshd->bthgd", p.astype(v.dtype), v, preferred_element_type=ct)
   return out.astype(q.dtype)
 
 

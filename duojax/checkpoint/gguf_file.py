@@ -11,7 +11,12 @@ from duojax.config import ModelConfig
 
 _LAYER = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "wq": "attn_q", "wk": "attn_k",
           "wv": "attn_v", "wo": "attn_output", "w_gate": "ffn_gate", "w_up": "ffn_up",
-          "w_down": "ffn_down", "bq": "attn_q", "bk": "attn_k", "bv": "attn_v"}
+          "w_down": "ffn_down", "bq": "attn_q", "bk": "attn_k", "bv": "attn_v",
+          "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
+# llama.cpp's converter (LlamaModel.modify_tensors) interleaves q/k rows for GGML's
+# adjacent-pair RoPE only in these archs; qwen2/qwen3 run NEOX (rotate-half) RoPE
+# and keep HF's row order. Checked by parity against HF on the real Qwen2.5 GGUF.
+PERMUTED_ROPE_ARCHS = ("llama", "mistral")
 
 
 def _field(f):
@@ -45,7 +50,7 @@ def _check_quant_types(gguf, types, path: Path) -> None:
 
 
 def read_gguf(path: str | Path, dtype=np.float32, progress=None):
-  """A llama-architecture GGUF -> (config, params, fields)."""
+  """A llama / mistral / qwen2 / qwen3 GGUF -> (config, params, fields)."""
   import gguf
   path = Path(path)
   if not path.is_file():
@@ -55,10 +60,16 @@ def read_gguf(path: str | Path, dtype=np.float32, progress=None):
   except Exception as e:  # truncated or not a GGUF at all
     raise CheckpointError(f"{path} is not a readable GGUF file ({e}); re-download it") from e
   fields = {k: _field(f) for k, f in reader.fields.items()
-            if not k.startswith("tokenizer.ggml.") or k.endswith("_id")}
+            if not k.startswith("tokenizer.ggml.") or k.endswith("_id")
+            or k == "tokenizer.ggml.add_bos_token"}
   tensors = {t.name: t for t in reader.tensors}
   fields["_tied"] = "output.weight" not in tensors
+  fields["_bias"] = "blk.0.attn_q.bias" in tensors
+  fields["_qk_norm"] = "blk.0.attn_q_norm.weight" in tensors
+  if "token_embd.weight" in tensors:  # GGUF shapes are [in, out]: [E, V]
+    fields["_vocab_size"] = int(tensors["token_embd.weight"].shape[-1])
   config = ModelConfig.from_gguf_fields(fields, name=fields.get("general.name"))
+  permuted = fields.get("general.architecture") in PERMUTED_ROPE_ARCHS
   _check_quant_types(gguf, {t.tensor_type for t in reader.tensors}, path)
 
   def get(name: str) -> np.ndarray:
@@ -77,6 +88,8 @@ def read_gguf(path: str | Path, dtype=np.float32, progress=None):
     def g(key):
       suffix = "bias" if key in ("bq", "bk", "bv") else "weight"
       w = get(f"blk.{i}.{_LAYER[key]}.{suffix}")
+      if not permuted:
+        return w
       if key in ("wq", "bq"):
         w = unpermute_rope_rows(w, config.num_heads)
       elif key in ("wk", "bk"):

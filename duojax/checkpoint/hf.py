@@ -22,7 +22,8 @@ def _layer_names(i: int) -> dict[str, str]:
       "wq": p + "self_attn.q_proj.weight", "wk": p + "self_attn.k_proj.weight",
       "wv": p + "self_attn.v_proj.weight", "wo": p + "self_attn.o_proj.weight",
       "bq": p + "self_attn.q_proj.bias", "bk": p + "self_attn.k_proj.bias",
-      "bv": p + "self_attn.v_proj.bias", "w_gate": p + "mlp.gate_proj.weight",
+      "bv": p + "self_attn.v_proj.bias", "q_norm": p + "self_attn.q_norm.weight",
+      "k_norm": p + "self_attn.k_norm.weight", "w_gate": p + "mlp.gate_proj.weight",
       "w_up": p + "mlp.up_proj.weight", "w_down": p + "mlp.down_proj.weight"}
 
 
@@ -44,6 +45,8 @@ def convert_layer(get: Callable[[str], np.ndarray], names: dict[str, str], confi
     lp["bq"] = c(get(names["bq"]).reshape(h, g, d))
     lp["bk"] = c(get(names["bk"]).reshape(h, d))
     lp["bv"] = c(get(names["bv"]).reshape(h, d))
+  if config.qk_norm:  # Qwen3: one [D] RMSNorm weight shared by all heads
+    lp["q_norm"], lp["k_norm"] = c(get(names["q_norm"])), c(get(names["k_norm"]))
   return lp
 
 
@@ -78,7 +81,19 @@ def hf_state_from_params(params: dict, config: ModelConfig) -> dict[str, np.ndar
     out[n["w_down"]] = f32(lp["w_down"]).T
     if "bq" in lp:
       out[n["bq"]], out[n["bk"]], out[n["bv"]] = (f32(lp[b]).reshape(-1) for b in ("bq", "bk", "bv"))
+    if "q_norm" in lp:
+      out[n["q_norm"]], out[n["k_norm"]] = f32(lp["q_norm"]), f32(lp["k_norm"])
   return out
+
+
+def _read_json(path: Path) -> dict:
+  try:
+    d = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path} is not valid JSON ({e}); download or write it again") from e
+  if not isinstance(d, dict):
+    raise CheckpointError(f"{path} does not hold a JSON object; download or write it again")
+  return d
 
 
 def read_hf_folder(folder: str | Path, dtype=np.float32, progress=None):
@@ -89,7 +104,7 @@ def read_hf_folder(folder: str | Path, dtype=np.float32, progress=None):
   if not cfg_path.is_file():
     raise CheckpointError(f"{folder} has no config.json; pass the folder of an HF model "
                           "(config.json + *.safetensors)")
-  hf = json.loads(cfg_path.read_text())
+  hf = _read_json(cfg_path)
   config = ModelConfig.from_hf(hf, name=folder.name)
   files = sorted(folder.glob("*.safetensors"))
   if not files:
@@ -98,11 +113,15 @@ def read_hf_folder(folder: str | Path, dtype=np.float32, progress=None):
   index = {}
   idx_path = folder / "model.safetensors.index.json"
   if idx_path.is_file():
-    for name, shard in json.loads(idx_path.read_text())["weight_map"].items():
+    for name, shard in _read_json(idx_path).get("weight_map", {}).items():
       index[name] = folder / shard
   handles = {}
   for f in files:
-    handles[f] = safe_open(str(f), framework="flax")
+    try:
+      handles[f] = safe_open(str(f), framework="flax")
+    except Exception as e:  # SafetensorError: truncated or not safetensors
+      raise CheckpointError(f"{f} is not a readable safetensors file ({e}); the download may be "
+                            "incomplete: download it again") from e
     for name in handles[f].keys():
       index.setdefault(name, f)
   if config.tie_word_embeddings is False and "lm_head.weight" not in index:
@@ -111,7 +130,11 @@ def read_hf_folder(folder: str | Path, dtype=np.float32, progress=None):
   def get(name):
     if name not in index:
       raise CheckpointError(f"tensor {name} is missing from {folder}; the download may be incomplete")
-    return handles[index[name]].get_tensor(name)
+    try:
+      return handles[index[name]].get_tensor(name)
+    except Exception as e:  # data cut short after a valid header
+      raise CheckpointError(f"{index[name]}: tensor {name} cannot be read ({e}); the file may be "
+                            "truncated: download it again") from e
 
   it = progress(range(config.num_layers)) if progress else None
   return config, params_from_hf_state(get, config, dtype, it)

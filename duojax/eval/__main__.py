@@ -90,8 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
   return ap
 
 
+def check_args(a) -> None:
+  """Before any model is loaded: ranges, and output paths that can be written (a grid can run
+  for hours; its results must not be lost to an unwritable --out at the end)."""
+  from duojax import validate
+  from duojax.eval.methods import parse_sparsities
+  for s in parse_sparsities(a.sparsity):
+    validate.selection(s, None)
+  validate.window(a.sink, a.recent)
+  validate.at_least("--prefill-chunk", a.prefill_chunk, 1)
+  validate.at_least("--samples", a.samples, 1)
+  for flag in ("max_new_tokens", "batch_size"):
+    validate.at_least("--" + flag.replace("_", "-"), getattr(a, flag, None), 1)
+  validate.writable_file("--out", a.out)
+  validate.writable_file("--plot", a.plot)
+
+
 def _run(a) -> dict:
   from duojax.attention.dispatch import resolve_backend
+  check_args(a)
+  resolve_backend(a.backend)  # an unavailable backend fails now, not after loading
   from duojax.data.niah import NeedleTask
   from duojax.eval import grid, harness, plots, ppl
   from duojax.eval.methods import build_methods, parse_methods, parse_named_patterns
@@ -156,9 +174,12 @@ def main(argv=None) -> int:
   a = build_parser().parse_args(argv)
   try:
     doc = _run(a)
-  except (InputError, CheckpointError, ConfigError, PatternError, ValueError) as e:
+  except (InputError, CheckpointError, ConfigError, PatternError, ValueError, OSError) as e:
     print(f"duojax.eval: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("duojax.eval: interrupted; nothing was written", file=sys.stderr)
+    return 130
   _print_summary(doc)
   print(f"wrote {a.out}" + (f" and {a.plot}" if a.plot else ""), file=sys.stderr)
   return 0

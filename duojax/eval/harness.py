@@ -128,11 +128,23 @@ def run_retrieval(task: str, model: EvalModel, hay: HaystackTokens, methods: lis
 
 
 def write_json(doc: dict, path: str | Path) -> Path:
+  """Atomically (a temporary file renamed into place). If the path cannot be written after
+  all (a disk filled during the run), the results go to a file in the temp folder instead,
+  named in the error, rather than being lost."""
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+  text = json.dumps(doc, indent=1, default=_jsonable)
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(doc, indent=1, default=_jsonable))
-  tmp.replace(path)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(text)
+    tmp.replace(path)
+  except OSError as e:
+    import tempfile
+    fd, rescue = tempfile.mkstemp(prefix="duojax-results-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    raise OSError(f"cannot write {path} ({e.strerror or e}); the results were saved to "
+                  f"{rescue} instead") from e
   return path
 
 

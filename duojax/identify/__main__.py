@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,13 @@ def duo_parser() -> argparse.ArgumentParser:
                     ("num-passkeys", int), ("passkey-words", int)):
     ap.add_argument(f"--{name}", type=typ, default=None)
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+  ap.add_argument("--student", choices=("official", "deployed"), default=None,
+                  help="which hidden states the student's full-attention branch reads "
+                       "(default deployed: it found the better SmolLM2 heads). official: the "
+                       "teacher's full attention of that layer, from the teacher's hidden "
+                       "states without gradient (the official code's two-way forward). "
+                       "deployed: the student's own hidden states, like the streaming branch "
+                       "(the paper's equations; the model as served)")
   ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
   ap.add_argument("--mesh", default=None, help="data=N: data-parallel devices (default: all)")
   ap.add_argument("--distributed", action="store_true",
@@ -66,6 +77,61 @@ def _settings(a) -> tuple[dict, dict]:
   return d, job
 
 
+@contextlib.contextmanager
+def _ctrl_c(prog: str, out: Path):
+  """Ctrl-C during training: the first stops at the next point Python regains control (after the
+  step or compile in flight; a checkpoint being written is completed), the second quits at once.
+
+  A compile or a long step runs in XLA, where Python's own SIGINT handler cannot run, so a
+  thread watches signal.set_wakeup_fd, which the interpreter writes to the moment a signal
+  arrives. The last complete checkpoint always stays: `--resume` continues from it.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  r, w = os.pipe()
+  os.set_blocking(w, False)
+  try:
+    old_fd = signal.set_wakeup_fd(w)
+  except ValueError:
+    os.close(r), os.close(w)
+    yield
+    return
+  old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+  stop = threading.Event()
+
+  def watch():
+    seen = 0
+    while not stop.is_set():
+      try:
+        data = os.read(r, 64)
+      except OSError:
+        return
+      if not data:
+        return
+      seen += data.count(bytes([signal.SIGINT]))
+      if seen == 1 and data.count(bytes([signal.SIGINT])):
+        print(f"\n{prog}: interrupted; stopping after the work in flight (the last checkpoint in "
+              f"{out / 'checkpoints'} stays; --resume continues from it). Ctrl-C again quits "
+              "at once.", file=sys.stderr, flush=True)
+      elif seen >= 2:
+        print(f"{prog}: quitting now; the last complete checkpoint stays (--resume)",
+              file=sys.stderr, flush=True)
+        os._exit(130)
+
+  t = threading.Thread(target=watch, daemon=True)
+  t.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    signal.set_wakeup_fd(old_fd)
+    signal.signal(signal.SIGINT, old_handler)
+    os.close(w)  # ends the watcher's read
+    t.join(timeout=1)
+    os.close(r)
+
+
 def run_duo(argv) -> int:
   a = duo_parser().parse_args(argv)
   from duojax.checkpoint import store
@@ -80,6 +146,7 @@ def run_duo(argv) -> int:
     cfg = duo.GateTrainConfig.from_dict(fields)
     if not job["haystack"] or not job["out"]:
       raise ValueError("--haystack and --out are required (or set them in --config)")
+    _check_job(job["haystack"], job["out"], job["sparsity"])
     if a.distributed:
       import jax
       jax.distributed.initialize()
@@ -97,8 +164,16 @@ def run_duo(argv) -> int:
     hay = HaystackTokens(load_haystack(job["haystack"]), tok, line_breaks=False)
     out = Path(job["out"])
     from duojax.attention.dispatch import resolve_backend
-    state = duo.train_gates(params, config, tok, hay, cfg, out, mesh, a.resume,
-                            resolve_backend(a.backend))
+    try:
+      with _ctrl_c("duojax.identify duo", out):
+        state = duo.train_gates(params, config, tok, hay, cfg, out, mesh, a.resume,
+                                resolve_backend(a.backend))
+    except KeyboardInterrupt:
+      last = _last_log(out / "log.jsonl")
+      print(f"duojax.identify duo: stopped at step {last['step'] if last else 0}; checkpoints "
+            f"are in {out / 'checkpoints'} (every --save-every steps): continue with --resume",
+            file=sys.stderr)
+      return 130
     gates = np.asarray(state.gates)
     sparsity = job["sparsity"] if job["sparsity"] is not None else default_sparsity(config)
     meta = {"model": config.name, "method": "duo", "data": str(job["haystack"]), "seed": cfg.seed,
@@ -123,11 +198,45 @@ def run_duo(argv) -> int:
   return 0
 
 
+def _check_job(haystack, out, sparsity=None) -> None:
+  """Before the model loads: the data exists, the output folder can be written."""
+  from duojax import validate
+  if haystack is not None and not Path(haystack).exists():
+    raise validate.ArgumentError(f"--haystack {haystack} not found; pass a folder of .txt files, "
+                                 "a .txt, or a .json/.jsonl file")
+  validate.writable_dir("--out", out)
+  validate.selection(sparsity, None)
+
+
 def _last_log(path: Path) -> dict | None:
   if not path.is_file():
     return None
   lines = path.read_text().strip().splitlines()
   return json.loads(lines[-1]) if lines else None
+
+
+def _precheck(cmd: str, argv: list[str]) -> None:
+  """The checks razor and retrieval-score share, before their model loads (their own parser
+  reports unknown or missing flags; this one only reads the values it checks)."""
+  from duojax import validate
+  ap = argparse.ArgumentParser(add_help=False)
+  ap.add_argument("--out")
+  ap.add_argument("--haystack")
+  ap.add_argument("--sparsity", type=float)
+  ap.add_argument("--threshold", type=float)
+  ap.add_argument("--sink", type=int)
+  ap.add_argument("--recent", type=int)
+  try:
+    a, _ = ap.parse_known_args(argv)
+  except SystemExit:
+    return  # malformed values: the subcommand's own parser says what is wrong
+  if "-h" in argv or "--help" in argv:
+    return
+  _check_job(a.haystack, a.out, a.sparsity)
+  if cmd == "retrieval-score":
+    validate.in_range("--threshold", a.threshold, 0.0, 1.0,
+                      hint="a KV head's retrieval score is a fraction of its decoding steps")
+  validate.window(a.sink, a.recent)
 
 
 SUBCOMMANDS = {"razor": "duojax.identify.razor", "retrieval-score": "duojax.identify.retrieval_score"}
@@ -147,10 +256,22 @@ def main(argv=None) -> int:
     except ImportError as e:
       print(f"duojax.identify {cmd}: not available ({e})", file=sys.stderr)
       return 2
-    return mod.main(rest)
+    try:
+      _precheck(cmd, rest)
+    except ValueError as e:
+      print(f"duojax.identify {cmd}: error: {e}", file=sys.stderr)
+      return 2
+    try:
+      return mod.main(rest)
+    except KeyboardInterrupt:
+      print(f"duojax.identify {cmd}: interrupted; nothing was written", file=sys.stderr)
+      return 130
   print(f"duojax.identify: unknown method {cmd!r}\n{USAGE}", file=sys.stderr)
   return 2
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except KeyboardInterrupt:  # a Ctrl-C outside the handled stretches: no traceback
+    sys.exit(130)

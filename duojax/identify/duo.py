@@ -3,7 +3,18 @@
 The teacher is the model with full attention; the student mixes, per KV head,
 alpha * full + (1 - alpha) * streaming attention before o_proj, so errors
 compound through the layers. Loss = MSE of the final hidden states (after the
-last RMSNorm) over the question/answer tail + reg * mean(|alpha|).
+last RMSNorm) over the question/answer tail + reg * mean(|alpha|); `gate_loss`
+computes it, and training steps on its gradient.
+
+Two students (`GateTrainConfig.student`, `--student`): "deployed" computes both
+branches from the student's own hidden states (the paper's equations, and the
+model as served); "official" takes the full branch from the teacher's hidden
+states of that layer without gradient (the official code's two-way forward).
+On SmolLM2 the deployed student found the better heads (NIAH / passkey at
+sparsity 0.5 and 0.75: infer/results/student-semantics-h200/), so it is the
+default. The clamp to [0, 1] passes the gradient straight through on [0, 1]
+(`clamp01`, as torch's clamp) and the regulariser's derivative is sign(alpha),
+0 at 0 (`l1_mean`, as torch's abs).
 
 Data parallel over a `data` mesh axis: the batch is split over it and every
 frozen weight is sharded FSDP-style over it too (gates replicated), so the same
@@ -59,8 +70,11 @@ class GateTrainConfig:
   pad_multiple: int = 1024  # sequences are padded to a multiple: fewer compiles
   remat: bool = True
   dtype: str = "bfloat16"  # activations / frozen weights; gates are fp32
+  student: str = "deployed"  # which hidden states the full branch reads: see STUDENTS
 
   def __post_init__(self):
+    if self.student not in STUDENTS:
+      raise TrainError(f"--student must be one of {sorted(STUDENTS)}, got {self.student!r}")
     if self.steps < 1:
       raise TrainError(f"--steps must be >= 1, got {self.steps}")
     if self.min_len > self.max_len:
@@ -99,39 +113,153 @@ def make_optimizer(cfg: GateTrainConfig) -> optax.GradientTransformation:
 
 # -- the two-way forward and the loss ---------------------------------------------
 
-def distill_loss(gates: jax.Array, params, config: ModelConfig, tokens: jax.Array,
-                 lengths: jax.Array, loss_mask: jax.Array, sink: int, recent: int, reg: float,
-                 remat: bool = True, backend: str = "xla"):
-  """gates [L, Hkv] fp32; tokens [B, T]; lengths [B]; loss_mask [B, T] bool.
+# --student: which hidden states the student's full-attention branch reads.
+STUDENTS = {
+    "deployed": "both branches from the student's own hidden states (the paper's equations "
+                "and the model as served)",
+    "official": "full branch = the teacher's full attention of that layer (from the teacher's "
+                "hidden states, no gradient), streaming branch from the student's (the "
+                "official code's two-way forward)",
+}
 
-  Returns (loss, {"distill", "reg"}).
+
+@jax.custom_vjp
+def clamp01(x: jax.Array) -> jax.Array:
+  """clip(x, 0, 1) whose gradient passes through on the closed interval [0, 1].
+
+  This is torch's `clamp` backward, which the official code relies on: a gate
+  sitting exactly at 0 or 1 (where every step leaves the clipped ones) gets its
+  whole gradient, where `jnp.clip` would pass half of it.
   """
+  return jnp.clip(x, 0.0, 1.0)
+
+
+def _clamp01_fwd(x):
+  return jnp.clip(x, 0.0, 1.0), x
+
+
+def _clamp01_bwd(x, g):
+  return (jnp.where((x >= 0.0) & (x <= 1.0), g, jnp.zeros_like(g)),)
+
+
+clamp01.defvjp(_clamp01_fwd, _clamp01_bwd)
+
+
+def l1_mean(x: jax.Array) -> jax.Array:
+  """mean(|x|) with d|x|/dx = sign(x), i.e. 0 at x = 0 (torch's abs; jnp.abs gives 1)."""
+  return jnp.mean(x * jax.lax.stop_gradient(jnp.sign(x)))
+
+
+def _layers(params):
+  """(stacked, per-layer params or None, count) for scan / loop over layers."""
+  if isinstance(params["layers"], dict):
+    return True, params["layers"], jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
+  return False, params["layers"], len(params["layers"])
+
+
+def _run_layers(params, fn, x, xs, remat: bool):
+  """x' = fn(x, lp, i, xs_i) over the layers (lax.scan when stacked); returns (x, ys)."""
+  stacked, layers, n = _layers(params)
+  if stacked:
+    body = jax.checkpoint(fn) if remat else fn
+    return jax.lax.scan(lambda c, li: body(c, *li), x, (layers, jnp.arange(n), xs))
+  ys = []
+  for i, lp in enumerate(layers):
+    x, y = fn(x, lp, i, None if xs is None else jax.tree_util.tree_map(lambda a: a[i], xs))
+    ys.append(y)
+  return x, (None if ys[0] is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys))
+
+
+def student_teacher_hidden(gates: jax.Array, params, config: ModelConfig, tokens: jax.Array,
+                           lengths: jax.Array, sink: int, recent: int,
+                           student: str = "deployed", remat: bool = True,
+                           backend: str = "xla") -> tuple[jax.Array, jax.Array]:
+  """Final hidden states (after the last RMSNorm) of teacher and student.
+
+  gates [L, Hkv] (already clamped: the caller decides the clamp's gradient);
+  tokens [B, T]; lengths [B]. Returns (teacher [B, T, E] with no gradient,
+  student [B, T, E]). The student's layer output before o_proj is, per KV head
+  and its G query heads, `a * full + (1 - a) * streaming`, with `full` as
+  `student` says (see STUDENTS).
+  """
+  if student not in STUDENTS:
+    raise TrainError(f"--student must be one of {sorted(STUDENTS)}, got {student!r}")
   # A kernel backend's whole-sequence ops (TPU splash) when it has them; the XLA
   # reference computes the logits once for both masks (gated_attention) instead.
   ops = {} if backend == "xla" else dispatch._load(backend)
+  fc, fs = ops.get("dense_causal"), ops.get("dense_streaming")
+  eps = config.rms_norm_eps
+  t = tokens.shape[1]
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
+  emb = llama.embed(params, tokens)
 
-  def full(i, q, k, v, lens):
-    f = ops.get("dense_causal")
-    return f(q, k, v, lens) if f else dense_attention(q, k, v, lens)
+  def full(q, k, v):
+    return fc(q, k, v, lengths) if fc else dense_attention(q, k, v, lengths)
 
-  def gated(i, q, k, v, lens):
-    g = jnp.clip(gates[i], 0.0, 1.0)
-    fc, fs = ops.get("dense_causal"), ops.get("dense_streaming")
-    if fc and fs:  # kernel backends: two masked passes, mixed here
-      a = g.astype(jnp.float32)[None, None, :, None, None]
-      mix = a * fc(q, k, v, lens).astype(jnp.float32) + (1 - a) * fs(
-          q, k, v, lens, sink, recent).astype(jnp.float32)
-      return mix.astype(q.dtype)
-    return gated_attention(q, k, v, g, lens, sink, recent)
+  def stream(q, k, v):
+    if fs:
+      return fs(q, k, v, lengths, sink, recent)
+    return dense_attention(q, k, v, lengths, jnp.ones((q.shape[2],), bool), sink, recent)
 
-  teacher = jax.lax.stop_gradient(
-      llama.forward_sequence(params, config, tokens, lengths, full, remat=False))
-  student = llama.forward_sequence(params, config, tokens, lengths, gated, remat=remat)
-  sq = jnp.mean(jnp.square(student.astype(jnp.float32) - teacher.astype(jnp.float32)), axis=-1)
-  m = loss_mask.astype(jnp.float32)
+  def mix(a, f, s):  # a [Hkv]; f, s [B, T, Hkv, G, D]
+    ct = jnp.promote_types(f.dtype, jnp.float32)
+    a = a.astype(ct)[None, None, :, None, None]
+    return (a * f.astype(ct) + (1 - a) * s.astype(ct)).astype(f.dtype)
+
+  def block(x, lp, o):  # residual + o_proj + MLP
+    x = x + jnp.einsum("bthgd,hgde->bte", o, lp["wo"])
+    return x + llama.mlp(lp, x, config)
+
+  def teacher_layer(x, lp, i, _):
+    q, k, v = llama.qkv(lp, llama.rms_norm(x, lp["attn_norm"], eps), config, pos)
+    o = full(q, k, v)
+    return block(x, lp, o), (o if student == "official" else None)
+
+  # The teacher never depends on the gates; computing it first (no remat, no
+  # backward) keeps its per-layer attention outputs for the official student.
+  xt, t_out = _run_layers(params, teacher_layer, emb, None, remat=False)
+  teacher = jax.lax.stop_gradient(llama.rms_norm(xt, params["final_norm"], eps))
+  t_out = jax.lax.stop_gradient(t_out)  # [L, B, T, Hkv, G, D]
+
+  def student_layer(x, lp, i, o_teacher):
+    q, k, v = llama.qkv(lp, llama.rms_norm(x, lp["attn_norm"], eps), config, pos)
+    a = gates[i]
+    if student == "official":
+      o = mix(a, o_teacher, stream(q, k, v))
+    elif fc and fs:  # kernel backends: two masked passes, mixed here
+      o = mix(a, full(q, k, v), stream(q, k, v))
+    else:
+      o = gated_attention(q, k, v, a, lengths, sink, recent)
+    return block(x, lp, o), None
+
+  xs, _ = _run_layers(params, student_layer, emb, t_out if student == "official" else None,
+                      remat=remat)
+  return teacher, llama.rms_norm(xs, params["final_norm"], eps)
+
+
+def gate_loss(gates: jax.Array, params, config: ModelConfig, tokens: jax.Array,
+              lengths: jax.Array, loss_mask: jax.Array, *, sink: int, recent: int,
+              reg: float, student: str = "deployed", remat: bool = True,
+              backend: str = "xla"):
+  """The gate-training loss; `jax.grad` of it w.r.t. `gates` is the training gradient.
+
+  gates [L, Hkv] (raw: clamped here with `clamp01`); params: frozen weights
+  (per-layer list or `llama.stack_layers`); tokens [B, T] int32; lengths [B];
+  loss_mask [B, T] bool (the question/answer tail).
+    distill = sum over masked (b, t) of mean_e (student - teacher)^2 / #masked
+    reg     = mean |gates|   (gradient sign(gate), 0 at 0)
+    total   = distill + reg_weight * reg
+  Returns (total, {"distill", "reg", "total"}).
+  """
+  teacher, stud = student_teacher_hidden(clamp01(gates), params, config, tokens, lengths,
+                                         sink, recent, student, remat, backend)
+  ct = jnp.promote_types(stud.dtype, jnp.float32)
+  sq = jnp.mean(jnp.square(stud.astype(ct) - teacher.astype(ct)), axis=-1)  # [B, T]
+  m = loss_mask.astype(ct)
   d = jnp.sum(sq * m) / jnp.maximum(jnp.sum(m), 1.0)
-  r = jnp.mean(jnp.abs(gates))
-  return d + reg * r, {"distill": d, "reg": r}
+  r = l1_mean(gates)
+  total = d + reg * r
+  return total, {"distill": d, "reg": r, "total": total}
 
 
 @dataclasses.dataclass
@@ -280,9 +408,10 @@ def train_gates(params, config: ModelConfig, tokenizer, hay, cfg: GateTrainConfi
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step_fn(gates, opt_state, params, tokens, lengths, loss_mask):
-    (loss, aux), g = jax.value_and_grad(distill_loss, has_aux=True)(
-        gates, params, config, tokens, lengths, loss_mask, cfg.sink, cfg.recent, cfg.reg,
-        cfg.remat, backend)
+    (loss, aux), g = jax.value_and_grad(gate_loss, has_aux=True)(
+        gates, params, config, tokens, lengths, loss_mask, sink=cfg.sink, recent=cfg.recent,
+        reg=cfg.reg, student=cfg.student, remat=cfg.remat, backend=backend)
+    aux = {"distill": aux["distill"], "reg": aux["reg"]}
     updates, opt_state = opt.update(g, opt_state, gates)
     gates = jnp.clip(optax.apply_updates(gates, updates), 0.0, 1.0)
     return gates, opt_state, {"loss": loss, **aux}

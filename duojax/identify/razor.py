@@ -54,6 +54,28 @@ DEFAULTS = dict(block=2500, repeats=4, induction_top=0.14, echo_top=0.01, seed=0
                 recent=256, chunk=512)
 
 
+def default_block(config: ModelConfig, repeats: int = DEFAULTS["repeats"], exclude=()) -> int:
+  """RazorAttention's 2500 tokens per copy, or fewer so that BOS + block x repeats fits the
+  model's context (2047 for an 8K model at 4 copies) and the block's tokens stay distinct."""
+  bos = 0 if config.bos_token_id is None else 1
+  fit = (config.max_position_embeddings - bos) // max(repeats, 1)
+  bad = set(int(i) for i in exclude) | set(config.eos_token_ids)
+  if config.bos_token_id is not None:
+    bad.add(int(config.bos_token_id))
+  usable = config.vocab_size - len({i for i in bad if 0 <= i < config.vocab_size})
+  return max(2, min(DEFAULTS["block"], fit, usable))
+
+
+def check_fits(config: ModelConfig, block: int, repeats: int) -> None:
+  bos = 0 if config.bos_token_id is None else 1
+  total = bos + block * repeats
+  if total > config.max_position_embeddings:
+    most = (config.max_position_embeddings - bos) // max(repeats, 1)
+    raise RazorError(f"{bos} + {block} x {repeats} = {total} tokens exceed the model's context of "
+                     f"{config.max_position_embeddings}; lower --block to at most {most} for "
+                     f"--repeats {repeats} (or lower --repeats)")
+
+
 class RazorError(ValueError):
   """Settings razor cannot run with; the message names the fix."""
 
@@ -217,11 +239,14 @@ def sample_block(config: ModelConfig, block: int, seed: int, exclude=()) -> np.n
   return np.random.default_rng(seed).choice(allowed, size=block, replace=False).astype(np.int32)
 
 
-def razor_pattern(params, config: ModelConfig, *, block: int = 2500, repeats: int = 4,
+def razor_pattern(params, config: ModelConfig, *, block: int | None = None, repeats: int = 4,
                   induction_top: float = 0.14, echo_top: float = 0.01, seed: int = 0,
                   sink: int = 64, recent: int = 256, exclude_ids=(), chunk: int = 512,
                   model_name: str | None = None) -> HeadPattern:
-  """RazorAttention head pattern from one forward pass (see the module doc)."""
+  """RazorAttention head pattern from one forward pass (see the module doc).
+
+  block None: default_block(config, repeats), which fits the model's context."""
+  block = default_block(config, repeats) if block is None else block
   if block < 2:
     raise RazorError(f"--block must be >= 2, got {block}")
   if repeats < 2:
@@ -232,10 +257,7 @@ def razor_pattern(params, config: ModelConfig, *, block: int = 2500, repeats: in
   if chunk < 1:
     raise RazorError(f"--chunk must be >= 1, got {chunk}")
   bos = [] if config.bos_token_id is None else [int(config.bos_token_id)]
-  total = len(bos) + block * repeats
-  if total > config.max_position_embeddings:
-    raise RazorError(f"{len(bos)} + {block} x {repeats} = {total} tokens exceed the model's "
-                     f"context of {config.max_position_embeddings}; lower --block or --repeats")
+  check_fits(config, block, repeats)
   ids = sample_block(config, block, seed, exclude_ids)
   tokens = np.concatenate([np.asarray(bos, np.int32), np.tile(ids, repeats)])
   t0 = time.perf_counter()
@@ -277,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(no training).")
   ap.add_argument("--ckpt", default=None, help="checkpoint folder or embedded name (smollm2-135m)")
   ap.add_argument("--out", required=True, help="pattern folder to write")
-  ap.add_argument("--block", type=int, default=DEFAULTS["block"], help="random tokens per copy")
+  ap.add_argument("--block", type=int, default=None,
+                  help="random tokens per copy (default 2500, or less so that 1 + block x "
+                       "repeats fits the model's context: 2047 on the 8K SmolLM2)")
   ap.add_argument("--repeats", type=int, default=DEFAULTS["repeats"], help="copies of the block")
   ap.add_argument("--induction-top", type=float, default=DEFAULTS["induction_top"],
                   help="fraction of KV heads kept by induction score")
@@ -302,15 +326,20 @@ def main(argv=None) -> int:
   try:
     folder = resolve_checkpoint(a.ckpt)
     config = store.load_config(folder)
-    params = store.load_params(folder, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16,
-                                              None: None}[a.dtype])
     try:
       tok = store.load_tokenizer(folder)
       special = set(getattr(tok, "all_special_ids", []) or [])
       special |= set(int(i) for i in (getattr(tok, "added_tokens_decoder", None) or {}))
     except CheckpointError:
       special = set()
-    pat = razor_pattern(params, config, block=a.block, repeats=a.repeats,
+    # Checked before the weights load.
+    block = default_block(config, a.repeats, special) if a.block is None else a.block
+    if block < 2 or a.repeats < 2:
+      raise RazorError(f"--block and --repeats must be >= 2, got {block} and {a.repeats}")
+    check_fits(config, block, a.repeats)
+    params = store.load_params(folder, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+                                              None: None}[a.dtype])
+    pat = razor_pattern(params, config, block=block, repeats=a.repeats,
                         induction_top=a.induction_top, echo_top=a.echo_top, seed=a.seed,
                         sink=a.sink, recent=a.recent, exclude_ids=sorted(special), chunk=a.chunk)
     out = pat.save(a.out, overwrite=True)

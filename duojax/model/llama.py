@@ -4,7 +4,9 @@ Params (plain dicts, so orbax stores them as they are):
   embed [V, E]; final_norm [E]; lm_head [E, V] (absent when tied)
   layers: list of per-layer dicts
     attn_norm [E]; wq [E, Hkv, G, D]; wk, wv [E, Hkv, D]; wo [Hkv, G, D, E]
-    bq [Hkv, G, D], bk, bv [Hkv, D] (only with attention_bias)
+    bq [Hkv, G, D], bk, bv [Hkv, D] (only with attention_bias: Qwen2)
+    q_norm, k_norm [D] (only with qk_norm: Qwen3; shared by all heads, so head
+    reordering leaves them alone)
     mlp_norm [E]; w_gate, w_up [E, F]; w_down [F, E]
 Query heads are grouped by KV head (HF's head h -> KV head h // G, slot h % G),
 so reordering KV heads for DuoAttention permutes one axis of every tensor.
@@ -65,6 +67,9 @@ def qkv(lp: dict, h: jax.Array, config: ModelConfig, pos: jax.Array):
   v = jnp.einsum("bte,ehd->bthd", h, lp["wv"])
   if config.attention_bias:
     q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+  if config.qk_norm:  # Qwen3 normalises each head's q and k over D, before RoPE
+    q = rms_norm(q, lp["q_norm"], config.rms_norm_eps)
+    k = rms_norm(k, lp["k_norm"], config.rms_norm_eps)
   inv = rope_inv_freq(config)
   return apply_rope(q, pos, inv), apply_rope(k, pos, inv), v
 
@@ -123,6 +128,8 @@ def param_shapes(config: ModelConfig) -> Params:
            "w_down": (f, e)}
   if config.attention_bias:
     layer.update(bq=(h, g, d), bk=(h, d), bv=(h, d))
+  if config.qk_norm:
+    layer.update(q_norm=(d,), k_norm=(d,))
   tree = {"embed": (v, e), "final_norm": (e,), "layers": [dict(layer) for _ in range(config.num_layers)]}
   if not config.tie_word_embeddings:
     tree["lm_head"] = (e, v)

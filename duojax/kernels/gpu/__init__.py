@@ -15,8 +15,8 @@ Importing this module registers the attention backend "gpu" with
 Gate training's whole-sequence ops (`dense_causal`, `dense_streaming`) need
 gradients, which jax-triton calls do not have: they stay on the XLA reference.
 
-It raises ImportError when jax-triton / triton are missing and RuntimeError when
-JAX has no GPU, so `dispatch.resolve_backend("auto")` falls back to "xla". With
+It raises RuntimeError when JAX has no GPU (checked first: that is the fix a user
+needs) and ImportError when jax-triton / triton are missing, so `dispatch.resolve_backend("auto")` falls back to "xla". With
 TRITON_INTERPRET=1 (Triton's CPU interpreter) it imports without registering, so
 the kernels can be checked on torch CPU tensors through `launch.Launch.torch`.
 """
@@ -24,6 +24,14 @@ the kernels can be checked on torch CPU tensors through `launch.Launch.torch`.
 from __future__ import annotations
 
 import os
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+  import jax
+  if jax.default_backend() != "gpu":  # say what is missing first: a GPU, not a package
+    raise RuntimeError(
+        f"the gpu attention backend needs an NVIDIA GPU, and JAX sees none (it runs on "
+        f"{jax.default_backend()!r}); on a GPU machine install JAX for CUDA "
+        f"(pip install 'jax[cuda12]') and 'duojax[gpu]')")
 
 try:
   import triton  # noqa: F401
