@@ -100,8 +100,7 @@ def run(a) -> dict:
   folder = resolve_checkpoint(a.ckpt, progress=not a.json)
   config = store.load_config(folder)
   tok = store.load_tokenizer(folder)
-  probe = serving.LoadedModel(config, {}, tok, None, None, "full", folder)
-  prompts = [probe.encode_prompt(t, a.chat) for t in texts]
+  prompts = [serving.encode_prompt(tok, t, a.chat) for t in texts]  # before loading weights
   longest = max(len(p) for p in prompts)
   if longest + a.max_new_tokens > config.max_position_embeddings:  # before loading the weights
     raise InputError(

@@ -36,15 +36,20 @@ class LoadedModel:
   compensation: bool = False  # streaming heads keep RazorAttention's compensation token
 
   def encode_prompt(self, text: str, chat: bool = False) -> list[int]:
-    tok = self.tokenizer
-    if chat:
-      if not getattr(tok, "chat_template", None):
-        raise ValueError("this tokenizer has no chat template; drop --chat")
-      ids = tok.apply_chat_template([{"role": "user", "content": text}],
-                                    add_generation_prompt=True, tokenize=True)
-      ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-      return [int(i) for i in ids]
-    return [int(i) for i in tok(text).input_ids]
+    return encode_prompt(self.tokenizer, text, chat)
+
+
+def encode_prompt(tok, text: str, chat: bool = False) -> list[int]:
+  """Token ids of a prompt as deployment feeds it (the chat template, or the tokenizer's own
+  special tokens, e.g. a BOS where it adds one)."""
+  if chat:
+    if not getattr(tok, "chat_template", None):
+      raise ValueError("this tokenizer has no chat template; drop --chat")
+    ids = tok.apply_chat_template([{"role": "user", "content": text}],
+                                  add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return [int(i) for i in ids]
+  return [int(i) for i in tok(text).input_ids]
 
 
 def default_sparsity(config: ModelConfig) -> float:

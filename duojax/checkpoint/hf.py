@@ -86,13 +86,14 @@ def hf_state_from_params(params: dict, config: ModelConfig) -> dict[str, np.ndar
   return out
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path, fix: str = "download or write it again") -> dict:
+  """A JSON object from a file; anything else is a CheckpointError naming the file and `fix`."""
   try:
     d = json.loads(path.read_text(encoding="utf-8"))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path} is not valid JSON ({e}); download or write it again") from e
+    raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {e}); {fix}") from e
   if not isinstance(d, dict):
-    raise CheckpointError(f"{path} does not hold a JSON object; download or write it again")
+    raise CheckpointError(f"{path} does not hold a JSON object; {fix}")
   return d
 
 
@@ -104,7 +105,7 @@ def read_hf_folder(folder: str | Path, dtype=np.float32, progress=None):
   if not cfg_path.is_file():
     raise CheckpointError(f"{folder} has no config.json; pass the folder of an HF model "
                           "(config.json + *.safetensors)")
-  hf = _read_json(cfg_path)
+  hf = read_json_object(cfg_path)
   config = ModelConfig.from_hf(hf, name=folder.name)
   files = sorted(folder.glob("*.safetensors"))
   if not files:
@@ -113,7 +114,7 @@ def read_hf_folder(folder: str | Path, dtype=np.float32, progress=None):
   index = {}
   idx_path = folder / "model.safetensors.index.json"
   if idx_path.is_file():
-    for name, shard in _read_json(idx_path).get("weight_map", {}).items():
+    for name, shard in read_json_object(idx_path).get("weight_map", {}).items():
       index[name] = folder / shard
   handles = {}
   for f in files:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duojax.checkpoint.hf import CheckpointError
+from duojax.checkpoint.hf import CheckpointError, read_json_object
 from duojax.config import ModelConfig
 
 MARKER = "duojax.json"
@@ -195,17 +195,7 @@ def read_marker(folder: str | Path) -> dict:
       raise CheckpointError(what)
     raise CheckpointError(f"{folder} is not a duojax checkpoint (no {MARKER}); make one with "
                           "`python -m duojax.convert --gguf FILE | --hf DIR --out OUT`")
-  return _read_json(marker, "convert again into a new --out")
-
-
-def _read_json(path: Path, fix: str) -> dict:
-  try:
-    d = json.loads(path.read_text(encoding="utf-8"))
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}); {fix}") from e
-  if not isinstance(d, dict):
-    raise CheckpointError(f"{path} does not hold a JSON object; {fix}")
-  return d
+  return read_json_object(marker, "convert again into a new --out")
 
 
 def load_config(folder: str | Path) -> ModelConfig:
@@ -213,7 +203,7 @@ def load_config(folder: str | Path) -> ModelConfig:
   path = Path(folder) / "model.json"
   if not path.is_file():
     raise CheckpointError(f"{path} is missing; convert again into a new --out")
-  d = _read_json(path, "convert again into a new --out")
+  d = read_json_object(path, "convert again into a new --out")
   try:
     return ModelConfig.from_dict(d)
   except (TypeError, KeyError, ValueError) as e:
