@@ -17,34 +17,42 @@ to plain streaming heads, but it is the one RazorAttention's compensation token
 (`duojax.compensation`) reads from the ring as it leaves the window, so the ring
 keeps `recent` slots: one slot per streaming head (1/(sink + recent) of its cache)
 buys one cache layout for both.
+
+Each cache kind brings its attention: the kinds defined here register theirs with
+`duojax.attention.dispatch` at the end of this module. Streaming parts of another
+kind (the compensated one of `duojax.compensation`) register how they are built and
+sized with `register_stream_part`, so this module imports no feature module.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from duojax.attention import dispatch
 from duojax.config import ModelConfig
 
 
-def _pytree(data: Sequence[str], meta: Sequence[str] = ()):
+def pytree_dataclass(data: Sequence[str], meta: Sequence[str] = ()):
+  """Decorator: a dataclass as a pytree whose `data` fields are leaves and `meta` fields
+  static (part of the jit cache key)."""
   return functools.partial(jax.tree_util.register_dataclass, data_fields=list(data),
                            meta_fields=list(meta))
 
 
-@_pytree(["k", "v"])
+@pytree_dataclass(["k", "v"])
 @dataclasses.dataclass
 class FullLayerCache:
   k: jax.Array  # [B, S, H, D]
   v: jax.Array  # [B, S, H, D]
 
 
-@_pytree(["k", "v"], ["sink", "recent"])
+@pytree_dataclass(["k", "v"], ["sink", "recent"])
 @dataclasses.dataclass
 class StreamLayerCache:
   k: jax.Array  # [B, sink + recent, H, D]
@@ -53,7 +61,7 @@ class StreamLayerCache:
   recent: int
 
 
-@_pytree(["full", "stream"])
+@pytree_dataclass(["full", "stream"])
 @dataclasses.dataclass
 class DuoLayerCache:
   full: FullLayerCache  # leading n_retrieval KV heads
@@ -67,7 +75,35 @@ class DuoLayerCache:
 LayerCache = Union[FullLayerCache, StreamLayerCache, DuoLayerCache]
 
 
-@_pytree(["layers", "lengths"])
+@dataclasses.dataclass(frozen=True)
+class StreamPart:
+  """How to build and size a streaming part other than the plain StreamLayerCache.
+
+  init(shape, dtype, sink, recent) -> the empty part, shape = (B, sink + recent, H, D);
+  extra_nbytes(shape) -> bytes it holds beyond the plain part's k and v.
+  """
+  init: Callable
+  extra_nbytes: Callable
+
+
+_STREAM_PARTS: dict[str, StreamPart] = {}
+# The module that registers each known part: named in the error, never imported here.
+_STREAM_PART_HOME = {"compensation": "duojax.compensation"}
+
+
+def register_stream_part(name: str, part: StreamPart) -> None:
+  _STREAM_PARTS[name] = part
+
+
+def _stream_part(name: str) -> StreamPart:
+  if name not in _STREAM_PARTS:
+    home = _STREAM_PART_HOME.get(name, "the module that defines it")
+    raise ValueError(f"the {name!r} streaming cache is defined in {home}: import it before "
+                     f"init_cache / kv_cache_bytes (e.g. `import {home}`)")
+  return _STREAM_PARTS[name]
+
+
+@pytree_dataclass(["layers", "lengths"])
 @dataclasses.dataclass
 class KVCache:
   layers: tuple  # one LayerCache per layer
@@ -112,8 +148,7 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, mask=None,
       layers.append(fc)
       continue
     if compensation:
-      from duojax.compensation import init_comp_cache  # it imports this module
-      sc = init_comp_cache(stream, dtype, mask.sink, mask.recent)
+      sc = _stream_part("compensation").init(stream, dtype, mask.sink, mask.recent)
     else:
       sc = StreamLayerCache(jnp.zeros(stream, dtype), jnp.zeros(stream, dtype), mask.sink,
                             mask.recent)
@@ -133,8 +168,7 @@ def kv_cache_bytes(config: ModelConfig, mask, length: int, batch: int = 1,
     if kind != "full":
       total += 2 * item * int(np.prod(stream))
       if compensation:
-        from duojax.compensation import comp_nbytes
-        total += comp_nbytes(stream)
+        total += _stream_part("compensation").extra_nbytes(stream)
   return total
 
 
@@ -209,3 +243,57 @@ def split_heads(x: jax.Array, n_retrieval: int, axis: int):
   """Retrieval heads lead (weights were reordered), so the split is a static slice."""
   return (jax.lax.slice_in_dim(x, 0, n_retrieval, axis=axis),
           jax.lax.slice_in_dim(x, n_retrieval, x.shape[axis], axis=axis))
+
+
+# -- attention per cache kind (dispatch.attend routes by the cache's class) --------------
+
+def _q_pos(start: jax.Array, t: int) -> jax.Array:
+  return start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+
+
+def attend_full(c: FullLayerCache, q, k, v, start, n_valid, backend):
+  """Retrieval heads: the chunk enters the cache, then attends everything up to itself."""
+  c = write_full(c, k, v, start, n_valid)
+  t = q.shape[1]
+  out = dispatch.op(backend, "full_chunk", t == 1)(q, c.k, c.v, _q_pos(start, t),
+                                                    start + n_valid)
+  return out, c
+
+
+def attend_stream(c: StreamLayerCache, q, k, v, start, n_valid, backend):
+  """Streaming heads: the op gets the pre-chunk slots and the chunk itself, so the mask is
+  exact even for a chunk longer than the ring; then the chunk enters the ring."""
+  t = q.shape[1]
+  slot_pos, slot_valid = stream_slot_positions(start, c.sink, c.recent)
+  out = dispatch.op(backend, "streaming_chunk", t == 1)(
+      q, c.k, c.v, slot_pos, slot_valid, k, v, _q_pos(start, t), n_valid, c.sink, c.recent)
+  return out, write_stream(c, k, v, start, n_valid)
+
+
+def _attend_duo_fused(fused, c: DuoLayerCache, q, k, v, start, n_valid):
+  n_r = c.n_retrieval
+  (kr, ks), (vr, vs) = (split_heads(x, n_r, 2) for x in (k, v))
+  fc = write_full(c.full, kr, vr, start, n_valid)
+  sc = c.stream
+  slot_pos, slot_valid = stream_slot_positions(start, sc.sink, sc.recent)
+  out = fused(q, fc.k, fc.v, start[:, None], start + n_valid, sc.k, sc.v, slot_pos, slot_valid,
+              k, v, n_valid, sc.sink, sc.recent)
+  return out, DuoLayerCache(fc, write_stream(sc, ks, vs, start, n_valid))
+
+
+def attend_duo(c: DuoLayerCache, q, k, v, start, n_valid, backend):
+  """Retrieval heads lead, so each part attends a static slice of the heads; a backend's
+  fused `duo_decode` does both in one launch when decoding a plain streaming part."""
+  fused = dispatch.backend_ops(backend).get("duo_decode")
+  if fused is not None and q.shape[1] == 1 and type(c.stream) is StreamLayerCache:
+    return _attend_duo_fused(fused, c, q, k, v, start, n_valid)
+  n_r = c.n_retrieval
+  (qr, qs), (kr, ks), (vr, vs) = (split_heads(x, n_r, 2) for x in (q, k, v))
+  out_r, fc = dispatch.attend(c.full, qr, kr, vr, start, n_valid, backend)
+  out_s, sc = dispatch.attend(c.stream, qs, ks, vs, start, n_valid, backend)
+  return jnp.concatenate([out_r, out_s], axis=2), DuoLayerCache(fc, sc)
+
+
+dispatch.register_cache_attention(FullLayerCache, attend_full)
+dispatch.register_cache_attention(StreamLayerCache, attend_stream)
+dispatch.register_cache_attention(DuoLayerCache, attend_duo)

@@ -21,7 +21,9 @@ and adds the running means of the dropped keys/values in float32 and the count
 n_dropped. After `length` tokens the ring holds positions >= length - recent,
 so the means cover positions [sink, sink + n_dropped) with
 n_dropped = max(0, length - recent - sink). Only the xla reference implements
-it (any backend falls back to it for these caches).
+it (any backend falls back to it for these caches). Importing this module registers
+the kind with `duojax.cache` (init_cache(..., compensation=True) builds it) and its
+attention with `duojax.attention.dispatch`.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ import jax
 import jax.numpy as jnp
 
 from duojax import cache as kvc
+from duojax.attention import dispatch
 from duojax.attention.reference import masked_attention, streaming_mask
 
 
-@kvc._pytree(["stream", "comp_k", "comp_v", "n_dropped"])
+@kvc.pytree_dataclass(["stream", "comp_k", "comp_v", "n_dropped"])
 @dataclasses.dataclass
 class CompLayerCache:
   stream: kvc.StreamLayerCache  # sink slots + ring, as without compensation
@@ -146,7 +149,13 @@ def write_comp(c: CompLayerCache, k: jax.Array, v: jax.Array, start: jax.Array,
 
 
 def attend(c: CompLayerCache, q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
-           n_valid: jax.Array):
-  """dispatch.attend for a compensated streaming part: (out [B, T, H, G, D], new cache)."""
+           n_valid: jax.Array, backend: str = "xla"):
+  """dispatch.attend for a compensated streaming part: (out [B, T, H, G, D], new cache).
+  No kernel has the compensation slot yet, so every backend runs this reference."""
+  del backend
   out = comp_chunk_attention(c, q, k, v, start, n_valid)
   return out, write_comp(c, k, v, start, n_valid)
+
+
+kvc.register_stream_part("compensation", kvc.StreamPart(init_comp_cache, comp_nbytes))
+dispatch.register_cache_attention(CompLayerCache, attend)

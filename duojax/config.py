@@ -253,11 +253,25 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StreamingDefaults:
+  """A streaming head's attention-sink tokens and recent window."""
+
+  sink: int
+  recent: int
+
+
+# The one source of the streaming defaults: DuoAttention serves with sink 64 / recent 256
+# and trains its gates with sink 128 / recent 256 (the official recipe).
+DEPLOY = StreamingDefaults(sink=64, recent=256)
+TRAIN = StreamingDefaults(sink=128, recent=256)
+
+
+@dataclasses.dataclass(frozen=True)
 class DuoSettings:
   """How streaming heads are served: sink tokens, recent window, prefill chunk."""
 
-  sink: int = 64
-  recent: int = 256
+  sink: int = DEPLOY.sink
+  recent: int = DEPLOY.recent
   prefill_chunk: int = 4096
 
   def __post_init__(self):

@@ -1,7 +1,10 @@
 """Chunked prefill and jitted decoding over any cache kind.
 
-The head pattern reaches jit through the cache's structure (its shapes and the
-static sink/recent fields), so each pattern compiles once and runs with no gathers.
+The model comes in as a `ModelHandle` (duojax.model.handle): the NNX graphdef,
+built for the head pattern, rides in its pytree structure, the state is a plain
+dict of arrays, and the steps merge the two inside their trace. The pattern also
+shapes the cache (its shapes and static sink/recent fields), so each pattern
+compiles once and runs with no gathers.
 """
 
 from __future__ import annotations
@@ -15,24 +18,49 @@ import jax.numpy as jnp
 import numpy as np
 
 from duojax import cache as kvc
+from duojax import compensation  # noqa: F401  defines what init_cache(compensation=True) builds
 from duojax.config import ModelConfig, round_up
-from duojax.model import llama
+from duojax.model import handle as model_handle
+from duojax.model.handle import ModelHandle
+from duojax.model.modules import Llama, splits_from_cache
 
 
 class InputError(ValueError):
   """Bad user input (prompt too long, empty batch, ...); the message names the fix."""
 
 
+def _handle(model, config: ModelConfig, mask=None, cache: kvc.KVCache | None = None
+            ) -> ModelHandle:
+  """The model as a handle: as it is, or from a plain params dict already reordered for
+  `mask` (or, without one, for the head split the cache was built with)."""
+  if isinstance(model, ModelHandle):
+    return model
+  if isinstance(model, Llama):
+    raise InputError("pass a ModelHandle (duojax.model.split(model) once at load), not the "
+                     "NNX module: splitting per call would walk its graph every time")
+  splits = None if cache is None or mask is not None else splits_from_cache(config, cache)
+  return model_handle.from_params(config, model, mask, reordered=True, splits=splits)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "backend", "all_logits"),
                    donate_argnames=("cache",))
-def _prefill_step(params, config, tokens, cache, n_valid, last_idx, last_hidden, backend,
-                  all_logits=False):
-  hidden, cache = llama.forward_chunk(params, config, tokens, cache, n_valid, backend)
+def prefill_step(model: ModelHandle, config, tokens, cache, n_valid, last_idx, last_hidden,
+                 backend, all_logits=False):
+  """One prefill chunk: tokens [B, C] through the model, the cache extended in place.
+
+  model: a ModelHandle (its graphdef is static: it rides in the pytree structure), or a
+  params dict reordered for the cache's pattern (turned into one inside the trace);
+  n_valid [B] real tokens of the chunk per row; last_idx [B] each row's last prompt
+  token's index in this chunk (outside [0, C): not here); last_hidden [B, E] carried.
+  Returns (last_hidden, cache, logits [B, C, V] fp32 or None).
+  """
+  m = _handle(model, config, cache=cache).module()
+  hidden, cache = m(tokens, cache, n_valid, backend)
   in_chunk = (last_idx >= 0) & (last_idx < tokens.shape[1])
   pick = jnp.take_along_axis(hidden, jnp.clip(last_idx, 0, tokens.shape[1] - 1)[:, None, None],
                              axis=1)[:, 0]
   last_hidden = jnp.where(in_chunk[:, None], pick.astype(last_hidden.dtype), last_hidden)
-  logits = llama.logits_from_hidden(params, hidden) if all_logits else None
+  logits = m.logits(hidden) if all_logits else None
   return last_hidden, cache, logits
 
 
@@ -51,23 +79,25 @@ def pad_batch(prompts: list[list[int]], multiple: int, pad_id: int = 0):
   return tokens, lengths
 
 
-def prefill(params, config: ModelConfig, tokens: np.ndarray, lengths: np.ndarray,
+def prefill(model, config: ModelConfig, tokens: np.ndarray, lengths: np.ndarray,
             cache: kvc.KVCache, chunk: int, backend: str = "xla", all_logits: bool = False,
             step=None):
   """Chunked prefill of a right-padded batch.
 
+  model: a ModelHandle (or a params dict reordered for the cache's pattern).
   tokens [B, T] (T a multiple of chunk), lengths [B]. Returns (last_hidden [B, E]
   at each row's last prompt token, cache, logits [B, T, V] or None).
   """
   b, t = tokens.shape
   if t % chunk:
     raise InputError(f"padded length {t} is not a multiple of the prefill chunk {chunk}")
-  last = jnp.zeros((b, config.hidden_size), params["embed"].dtype)
+  params = _handle(model, config, cache=cache)
+  last = jnp.zeros((b, config.hidden_size), params.dtype)
   lengths = jnp.asarray(lengths, jnp.int32)
   outs = []
-  if step is None:  # step: an AOT-compiled _prefill_step taking the dynamic args only
-    step = lambda p, tk, c, n, li, lh: _prefill_step(p, config, tk, c, n, li, lh, backend,
-                                                      all_logits)
+  if step is None:  # step: an AOT-compiled prefill_step taking the dynamic args only
+    step = lambda p, tk, c, n, li, lh: prefill_step(p, config, tk, c, n, li, lh, backend,
+                                                     all_logits)
   for c0 in range(0, t, chunk):
     n_valid = jnp.clip(lengths - c0, 0, chunk)
     last, cache, lg = step(params, jnp.asarray(tokens[:, c0:c0 + chunk]), cache, n_valid,
@@ -76,7 +106,7 @@ def prefill(params, config: ModelConfig, tokens: np.ndarray, lengths: np.ndarray
   return last, cache, (jnp.concatenate(outs, axis=1) if all_logits else None)
 
 
-def forward_logits(params, config: ModelConfig, prompts: list[list[int]], mask=None,
+def forward_logits(model, config: ModelConfig, prompts: list[list[int]], mask=None,
                    chunk: int | None = None, backend: str = "xla", dtype=None,
                    compensation: bool = False) -> list[np.ndarray]:
   """Logits for every prompt position (tests, perplexity). Returns [T_i, V] per prompt.
@@ -84,7 +114,8 @@ def forward_logits(params, config: ModelConfig, prompts: list[list[int]], mask=N
   compensation: streaming heads keep RazorAttention's compensation token."""
   chunk = chunk or round_up(max(len(p) for p in prompts), 8)
   tokens, lengths = pad_batch(prompts, chunk)
-  dtype = dtype or params["embed"].dtype
+  params = _handle(model, config, mask)
+  dtype = dtype or params.dtype
   cache = kvc.init_cache(config, len(prompts), tokens.shape[1], mask, dtype, compensation)
   _, _, logits = prefill(params, config, tokens, lengths, cache, chunk, backend, all_logits=True)
   logits = np.asarray(logits)
@@ -122,13 +153,15 @@ def sample(logits: jax.Array, key: jax.Array, s: SamplingSettings) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("config", "backend", "max_new", "sampling", "eos"),
                    donate_argnames=("cache",))
-def decode(params, config: ModelConfig, cache: kvc.KVCache, last_hidden: jax.Array,
+def decode(model: ModelHandle, config: ModelConfig, cache: kvc.KVCache, last_hidden: jax.Array,
            key: jax.Array, max_new: int, sampling: SamplingSettings, eos: tuple[int, ...],
            backend: str = "xla"):
   """Generates up to max_new tokens per row in one compiled loop.
 
-  Returns (tokens [B, max_new] int32 (-1 after a row stopped), n_steps, cache).
+  model: a ModelHandle (merged here, inside the trace). Returns (tokens [B, max_new]
+  int32 (-1 after a row stopped), n_steps, cache).
   """
+  m = _handle(model, config, cache=cache).module()
   b = last_hidden.shape[0]
   out = jnp.full((b, max_new), -1, jnp.int32)
   eos_arr = jnp.asarray(eos if eos else (-2,), jnp.int32)
@@ -140,11 +173,10 @@ def decode(params, config: ModelConfig, cache: kvc.KVCache, last_hidden: jax.Arr
   def body(state):
     i, cache, hidden, out, done, key = state
     key, sub = jax.random.split(key)
-    tok = sample(llama.logits_from_hidden(params, hidden), sub, sampling)
+    tok = sample(m.logits(hidden), sub, sampling)
     out = out.at[:, i].set(jnp.where(done, -1, tok))
     done = done | jnp.isin(tok, eos_arr)
-    h, cache = llama.forward_chunk(params, config, tok[:, None], cache,
-                                   jnp.ones((b,), jnp.int32), backend)
+    h, cache = m(tok[:, None], cache, jnp.ones((b,), jnp.int32), backend)
     return i + 1, cache, h[:, 0].astype(hidden.dtype), out, done, key
 
   state = (jnp.int32(0), cache, last_hidden, out, jnp.zeros((b,), bool), key)
@@ -190,15 +222,154 @@ class GenerationResult:
     return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
-def generate(params, config: ModelConfig, prompts: list[list[int]], max_new_tokens: int = 64,
+# -- running on a device mesh ------------------------------------------------------------
+# The jitted steps above stay as they are; on a mesh the weights and the cache are
+# placed with duojax.sharding's rules, the steps are jitted again with those shardings
+# as explicit in/out shardings, and a mesh with sequence > 1 swaps the backend name
+# for a `ContextParallel` object (static, like the name), which routes every layer's
+# attention through context_parallel.attend. GSPMD partitions the rest (projections
+# over heads, the MLP, batch over data) from the input shardings.
+
+def mesh_backend(mesh, backend: str = "xla"):
+  """The static `backend` the steps take on `mesh`: the name itself on one device, the
+  xla reference partitioned by GSPMD on several, ContextParallel when sequence > 1."""
+  from duojax import sharding
+  from duojax import context_parallel
+  if mesh is None or mesh.size == 1:
+    return backend
+  if backend not in ("xla", "auto"):
+    # A pallas_call inside a GSPMD-partitioned jit is rejected (it needs shard_map)
+    raise InputError(f"attention backend {backend!r} does not run on a mesh of {mesh.size} "
+                     "devices yet (its kernels are not wired under shard_map); use --backend "
+                     "xla with --mesh, or drop --mesh")
+  if sharding.mesh_sizes(mesh)["sequence"] > 1:
+    return context_parallel.ContextParallel(mesh)
+  return "xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshPlacement:
+  """Where everything a generation touches lives on one mesh (NamedShardings)."""
+  model: ModelHandle  # the handle with a NamedSharding per state array
+  cache: kvc.KVCache  # a NamedSharding per cache array
+  rows: object  # [B] per-row ints (lengths, n_valid)
+  tokens: object  # [B, T] token ids, generated tokens
+  hidden: object  # [B, E] the carried last hidden state
+  logits: object  # [B, T, V]
+  replicated: object  # scalars, PRNG keys
+
+
+def mesh_placement(mesh, model: ModelHandle, cache: kvc.KVCache,
+                   config: ModelConfig) -> MeshPlacement:
+  """Shardings per duojax.sharding's inference rules. Raises ShardingError (naming the
+  sizes that work) when the tensor axis cannot split the model's KV heads."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from duojax import sharding
+  b = cache.lengths.shape[0]
+  spec = lambda names, shape: NamedSharding(
+      mesh, sharding.spec_for(names, shape, mesh, notes=[]))
+  return MeshPlacement(
+      model=model.replace(sharding.param_shardings(model.state, mesh, config=config)),
+      cache=sharding.cache_shardings(cache, mesh),
+      rows=spec(("batch",), (b,)),
+      tokens=spec(("batch", "length"), (b, 1)),
+      hidden=spec(("batch", "embed"), (b, config.hidden_size)),
+      logits=spec(("batch", "length", "vocab"), (b, 1, config.vocab_size)),
+      replicated=NamedSharding(mesh, P()))
+
+
+def place_on_mesh(mesh, model, config: ModelConfig, cache: kvc.KVCache):
+  """Puts the weights and the cache on `mesh`. Returns (handle, cache, MeshPlacement)."""
+  h = _handle(model, config, cache=cache)
+  pl = mesh_placement(mesh, h, cache, config)
+  return jax.device_put(h, pl.model), jax.device_put(cache, pl.cache), pl
+
+
+_MESH_STEPS: dict = {}
+
+
+def _mesh_compiled(name, build, args, statics):
+  """One executable per (step, statics, argument shapes and shardings), like `_aot`."""
+  leaves, tree = jax.tree_util.tree_flatten(args)
+  key = (name, statics, tree, tuple((_signature(l), getattr(l, "sharding", None))
+                                    for l in leaves))
+  if key not in _MESH_STEPS:
+    if len(_MESH_STEPS) > 64:
+      _MESH_STEPS.clear()
+    _MESH_STEPS[key] = build().lower(*args).compile()
+  return _MESH_STEPS[key]
+
+
+def mesh_prefill_step(mesh, pl: MeshPlacement, model: ModelHandle, config: ModelConfig,
+                      cache: kvc.KVCache, chunk: int, backend: str = "xla",
+                      all_logits: bool = False):
+  """prefill_step compiled for `mesh` with explicit in/out shardings; a `step` for
+  `prefill` (it moves host-made row and token arrays onto the mesh itself)."""
+  be = mesh_backend(mesh, backend)
+  b = cache.lengths.shape[0]
+
+  def build():
+    def step(model, tokens, cache, n_valid, last_idx, last_hidden):
+      return prefill_step(model, config, tokens, cache, n_valid, last_idx, last_hidden, be,
+                          all_logits)
+    return jax.jit(step, in_shardings=(pl.model, pl.tokens, pl.cache, pl.rows, pl.rows,
+                                       pl.hidden),
+                   out_shardings=(pl.hidden, pl.cache, pl.logits if all_logits else None),
+                   donate_argnums=(2,))
+  sds = lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
+  i32 = sds((b,), jnp.int32, pl.rows)
+  args = (_abstract_on(model, pl.model), sds((b, chunk), jnp.int32, pl.tokens),
+          _abstract_on(cache, pl.cache), i32, i32,
+          sds((b, config.hidden_size), model.dtype, pl.hidden))
+  compiled = _mesh_compiled("prefill", build, args, (mesh, config, be, all_logits))
+
+  def run(p, tk, c, n, li, lh):
+    put = jax.device_put
+    return compiled(p, put(tk, pl.tokens), c, put(n, pl.rows), put(li, pl.rows),
+                    put(lh, pl.hidden))
+  return run
+
+
+def mesh_decode(mesh, pl: MeshPlacement, model: ModelHandle, config: ModelConfig,
+                cache: kvc.KVCache, max_new: int, sampling: SamplingSettings,
+                eos: tuple[int, ...], backend: str = "xla"):
+  """decode compiled for `mesh` with explicit in/out shardings:
+  run(model, cache, last_hidden, key) -> (tokens [B, max_new], n_steps, cache)."""
+  be = mesh_backend(mesh, backend)
+  b = cache.lengths.shape[0]
+
+  def build():
+    def dec(model, cache, last_hidden, key):
+      return decode(model, config, cache, last_hidden, key, max_new, sampling, eos, be)
+    return jax.jit(dec, in_shardings=(pl.model, pl.cache, pl.hidden, pl.replicated),
+                   out_shardings=(pl.tokens, pl.replicated, pl.cache), donate_argnums=(1,))
+  key = jax.random.PRNGKey(0)
+  args = (_abstract_on(model, pl.model), _abstract_on(cache, pl.cache),
+          jax.ShapeDtypeStruct((b, config.hidden_size), model.dtype, sharding=pl.hidden),
+          jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=pl.replicated))
+  compiled = _mesh_compiled("decode", build, args, (mesh, config, be, max_new, sampling, eos))
+
+  def run(p, c, lh, k):
+    return compiled(p, c, jax.device_put(lh, pl.hidden), jax.device_put(k, pl.replicated))
+  return run
+
+
+def _abstract_on(tree, shardings):
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def generate(model, config: ModelConfig, prompts: list[list[int]], max_new_tokens: int = 64,
              mask=None, prefill_chunk: int = 4096, sampling: SamplingSettings = SamplingSettings(),
              seed: int = 0, backend: str = "xla", cache_dtype=None,
-             compensation: bool = False) -> GenerationResult:
+             compensation: bool = False, mesh=None) -> GenerationResult:
   """Prefill a batch of prompts of different lengths, then decode.
 
-  mask: a HeadMask for DuoAttention (params must already be reordered with
-  model.apply_head_mask), or None for full attention. compensation: streaming
+  model: a ModelHandle built for `mask` (serving.load_model's `m.model`), or a params
+  dict already reordered with model.apply_head_mask. mask: a HeadMask for
+  DuoAttention, or None for full attention. compensation: streaming
   heads keep RazorAttention's compensation token (duojax.compensation; xla only).
+  mesh: a jax Mesh (duojax.sharding.make_mesh) to run on; None: one device, today's path.
   """
   if max_new_tokens < 1:
     raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -209,25 +380,38 @@ def generate(params, config: ModelConfig, prompts: list[list[int]], max_new_toke
         f"of {config.max_position_embeddings}; shorten the prompt or lower --max-new-tokens")
   chunk = min(prefill_chunk, round_up(longest, 16))
   tokens, lengths = pad_batch(prompts, chunk)
-  capacity = round_up(int(lengths.max()) + max_new_tokens, 16)
-  dtype = cache_dtype or params["embed"].dtype
+  # a multiple of 16 and of the sequence axis (each device holds an equal slice)
+  n_seq = 1 if mesh is None else int(mesh.shape.get("sequence", 1))
+  capacity = round_up(round_up(int(lengths.max()) + max_new_tokens, 16), n_seq)
+  params = _handle(model, config, mask)
+  dtype = cache_dtype or params.dtype
   cache = kvc.init_cache(config, len(prompts), capacity, mask, dtype, compensation)
   nbytes = kvc.cache_nbytes(cache)
   eos = tuple(config.eos_token_ids)
+  if mesh is not None:
+    return _generate_on_mesh(mesh, params, config, tokens, lengths, cache, chunk,
+                             max_new_tokens, sampling, seed, backend, eos, nbytes)
 
   t0 = time.perf_counter()
   # Compile both programs first so the timings below measure running, not tracing.
   lowered_cache = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), cache)
-  hid = jax.ShapeDtypeStruct((len(prompts), config.hidden_size), params["embed"].dtype)
+  hid = jax.ShapeDtypeStruct((len(prompts), config.hidden_size), params.dtype)
   key = jax.random.PRNGKey(seed)
   decode_c = _aot(decode, (params, config, lowered_cache, hid, key, max_new_tokens, sampling,
                             eos, backend))
   i32 = jax.ShapeDtypeStruct(lengths.shape, jnp.int32)
-  prefill_c = _aot(_prefill_step, (params, config,
+  prefill_c = _aot(prefill_step, (params, config,
                                    jax.ShapeDtypeStruct((len(prompts), chunk), jnp.int32),
                                    lowered_cache, i32, i32, hid, backend))
   compile_s = time.perf_counter() - t0
 
+  return _timed_run(params, config, tokens, lengths, cache, chunk, backend, prefill_c, decode_c,
+                    key, compile_s, nbytes)
+
+
+def _timed_run(params, config, tokens, lengths, cache, chunk, backend, prefill_c, decode_c,
+               key, compile_s, nbytes) -> GenerationResult:
+  """Prefill and decode with programs already compiled, timing each."""
   t0 = time.perf_counter()
   last, cache, _ = prefill(params, config, tokens, lengths, cache, chunk, backend, step=prefill_c)
   last.block_until_ready()
@@ -238,3 +422,16 @@ def generate(params, config: ModelConfig, prompts: list[list[int]], max_new_toke
   rows = [[int(x) for x in row if x >= 0] for row in out]
   return GenerationResult(rows, [int(n) for n in lengths], t1 - t0, t2 - t1, int(steps), compile_s,
                           nbytes)
+
+
+def _generate_on_mesh(mesh, params, config, tokens, lengths, cache, chunk, max_new_tokens,
+                      sampling, seed, backend, eos, nbytes) -> GenerationResult:
+  t0 = time.perf_counter()
+  params, cache, pl = place_on_mesh(mesh, params, config, cache)
+  key = jax.random.PRNGKey(seed)
+  decode_c = mesh_decode(mesh, pl, params, config, cache, max_new_tokens, sampling, eos, backend)
+  prefill_c = mesh_prefill_step(mesh, pl, params, config, cache, chunk, backend)
+  compile_s = time.perf_counter() - t0
+
+  return _timed_run(params, config, tokens, lengths, cache, chunk, backend, prefill_c, decode_c,
+                    key, compile_s, nbytes)

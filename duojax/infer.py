@@ -15,7 +15,7 @@ import sys
 
 from duojax import serving, validate
 from duojax.checkpoint.hf import CheckpointError
-from duojax.config import ConfigError, DuoSettings
+from duojax.config import DEPLOY, ConfigError, DuoSettings
 from duojax.engine import InputError, SamplingSettings, generate
 from duojax.pattern import PatternError
 from duojax.serving import ATTENTION_KINDS
@@ -40,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
   sel = ap.add_mutually_exclusive_group()
   sel.add_argument("--sparsity", type=float, help="fraction of KV heads that stream")
   sel.add_argument("--threshold", type=float, help="retrieval iff gate >= threshold")
-  ap.add_argument("--sink", type=int, default=None, help="sink tokens of streaming heads (64)")
-  ap.add_argument("--recent", type=int, default=None, help="recent window of streaming heads (256)")
+  ap.add_argument("--sink", type=int, default=None,
+                  help=f"sink tokens of streaming heads ({DEPLOY.sink})")
+  ap.add_argument("--recent", type=int, default=None,
+                  help=f"recent window of streaming heads ({DEPLOY.recent})")
   ap.add_argument("--compensation", action="store_true",
                   help="streaming heads keep one extra key/value: the mean of the tokens that "
                        "left their window (RazorAttention's compensation token; xla backend)")
@@ -49,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                   help="compute dtype (default: as stored)")
   ap.add_argument("--backend", default="auto", help="attention backend: auto, xla, gpu, tpu")
+  ap.add_argument("--mesh", default=None,
+                  help="device mesh, e.g. data=2,tensor=4 or sequence=8 (axes data, fsdp, "
+                       "sequence, tensor; sizes multiply to the device count); default: one "
+                       "device")
   ap.add_argument("--json", action="store_true", help="print one JSON object")
   return ap
 
@@ -72,6 +78,22 @@ def check_args(a) -> str:
   if a.attention == "random" and a.threshold is not None:
     raise validate.ArgumentError("--attention random picks heads by --sparsity; it has no gates "
                                  "for --threshold")
+  if a.mesh:
+    import jax
+    from duojax import sharding
+    n = sharding.parse_mesh(a.mesh, jax.device_count())  # the product must match the devices
+    if n["fsdp"] > 1:
+      raise validate.ArgumentError("--mesh fsdp=N shards weights for gate training; inference "
+                                   "takes data, tensor and sequence")
+    if a.compensation and n["sequence"] > 1:
+      raise validate.ArgumentError("--compensation is not built for --mesh sequence>1; use "
+                                   "sequence=1 (data/tensor) or drop --compensation")
+    if jax.device_count() > 1:  # the kernels do not run under a sharded jit yet
+      if a.backend not in ("auto", "xla"):
+        raise validate.ArgumentError(f"--backend {a.backend} does not run on a mesh of "
+                                     f"{jax.device_count()} devices yet; use --backend xla "
+                                     "with --mesh, or drop --mesh")
+      return "xla"
   return resolve_backend(a.backend)
 
 
@@ -108,8 +130,8 @@ def run(a) -> dict:
         f"of {config.max_position_embeddings}; shorten the prompt or lower --max-new-tokens")
   # No streaming buffer larger than what this run can hold (full attention's cache).
   capacity = min(round_up(longest + a.max_new_tokens, 16), config.max_position_embeddings)
-  sink = serving.DEPLOY_SINK if a.sink is None else a.sink
-  recent = serving.DEPLOY_RECENT if a.recent is None else a.recent
+  sink = DEPLOY.sink if a.sink is None else a.sink
+  recent = DEPLOY.recent if a.recent is None else a.recent
   sink_c, recent_c = validate.capped_window(sink, recent, capacity)
   if (sink_c, recent_c) != (sink, recent) and (a.sink is not None or a.recent is not None):
     print(f"duojax.infer: note: --sink {sink} + --recent {recent} exceed the {capacity} tokens "
@@ -123,8 +145,12 @@ def run(a) -> dict:
   if not a.json:
     print("duojax.infer: compiling prefill and decode (about 30 s on a CPU the first time; "
           "later runs reuse the compiled programs)...", file=sys.stderr, flush=True)
-  r = generate(m.params, m.config, prompts, a.max_new_tokens, m.mask, settings.prefill_chunk,
-               sampling, a.seed, backend, compensation=m.compensation)
+  mesh = None
+  if a.mesh:
+    from duojax import sharding
+    mesh = sharding.make_mesh(a.mesh)
+  r = generate(m.model, m.config, prompts, a.max_new_tokens, m.mask, settings.prefill_chunk,
+               sampling, a.seed, backend, compensation=m.compensation, mesh=mesh)
   eos = set(m.config.eos_token_ids)
   outs = [m.tokenizer.decode([t for t in row if t not in eos], skip_special_tokens=True)
           for row in r.tokens]
@@ -143,6 +169,7 @@ def run(a) -> dict:
       "sink": None if m.mask is None else m.mask.sink,
       "recent": None if m.mask is None else m.mask.recent,
       "model": m.config.name,
+      "mesh": None if mesh is None else {k: int(v) for k, v in mesh.shape.items()},
   }
   return info
 

@@ -35,6 +35,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from duojax.config import TRAIN
+
 FORMAT_VERSION = 1
 PATTERN_JSON = "pattern.json"
 GATES_DIR = "gates"
@@ -171,6 +173,18 @@ class HeadMask:
   def all_streaming(cls, num_layers: int, num_kv_heads: int, sink: int,
                     recent: int) -> "HeadMask":
     return cls.from_array(np.zeros((num_layers, num_kv_heads), np.bool_), sink, recent)
+
+
+def _this_process_only(ocp) -> dict:
+  """orbax options for a save by this process alone. In a multi-host run one process
+  writes the pattern; orbax would otherwise wait at barriers for the others (which have
+  nothing to write, and have exited) and hang."""
+  import jax
+  if jax.process_count() == 1:
+    return {}
+  me = jax.process_index()
+  return {"multiprocessing_options": ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me})}
 
 
 class HeadPattern:
@@ -319,7 +333,7 @@ class HeadPattern:
       if gd.exists():
         shutil.rmtree(gd)
     d.mkdir(parents=True, exist_ok=True)
-    ckpt = ocp.StandardCheckpointer()
+    ckpt = ocp.StandardCheckpointer(**_this_process_only(ocp))
     try:
       ckpt.save(gd, {"gates": np.array(self._gates)})
       ckpt.wait_until_finished()
@@ -415,7 +429,8 @@ class HeadPattern:
       raise PatternError(f"{cfgp} must hold a JSON object; fix the file")
     for key in ("sink_size", "recent_size"):
       if key not in cfg:
-        raise PatternError(f"{cfgp} lacks '{key}'; add it (DuoAttention trains with 128 / 256)")
+        raise PatternError(f"{cfgp} lacks '{key}'; add it (DuoAttention trains with "
+                           f"{TRAIN.sink} / {TRAIN.recent})")
     n_clipped = int(np.count_nonzero((raw < 0) | (raw > 1)))
     meta = {
         "method": "import",
@@ -473,7 +488,7 @@ def load_any(directory) -> HeadPattern:
 
 
 def random_pattern(num_layers: int, num_kv_heads: int, seed: int,
-                   sink: int = 128, recent: int = 256) -> HeadPattern:
+                   sink: int = TRAIN.sink, recent: int = TRAIN.recent) -> HeadPattern:
   """Uniform random gates [L, Hkv] (the "random heads" baseline); seeded."""
   rng = np.random.default_rng(seed)
   gates = rng.random((num_layers, num_kv_heads), dtype=np.float32)

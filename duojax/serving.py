@@ -1,4 +1,4 @@
-"""Load a checkpoint ready to serve: params reordered for a head mask, tokenizer.
+"""Load a checkpoint ready to serve: the model built for a head mask, tokenizer.
 
 attention kinds:
   full       every head keeps the whole KV cache
@@ -14,20 +14,20 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from duojax.checkpoint import store
-from duojax.checkpoint.embedded import resolve_checkpoint
-from duojax.config import ModelConfig
-from duojax.model import llama
+from duojax.checkpoint.handle import Checkpoint
+from duojax.config import DEPLOY, ModelConfig
+from duojax.model import handle as model_handle
+from duojax.model.handle import ModelHandle
 from duojax.pattern import HeadMask, HeadPattern, PatternError, load_any, random_pattern
 
 ATTENTION_KINDS = ("full", "duo", "streaming", "random")
-DEPLOY_SINK, DEPLOY_RECENT = 64, 256
+DEPLOY_SINK, DEPLOY_RECENT = DEPLOY.sink, DEPLOY.recent
 
 
 @dataclasses.dataclass
 class LoadedModel:
   config: ModelConfig
-  params: dict  # KV heads reordered by `mask` (retrieval heads first)
+  model: ModelHandle  # built for `mask`: KV heads reordered, retrieval heads first
   tokenizer: object
   mask: HeadMask | None  # None = full attention
   pattern: HeadPattern | None
@@ -37,6 +37,11 @@ class LoadedModel:
 
   def encode_prompt(self, text: str, chat: bool = False) -> list[int]:
     return encode_prompt(self.tokenizer, text, chat)
+
+  @property
+  def params(self) -> dict:
+    """The weights as the plain params dict, reordered by `mask` like the model."""
+    return self.model.params
 
 
 def encode_prompt(tok, text: str, chat: bool = False) -> list[int]:
@@ -102,10 +107,10 @@ def load_model(ckpt: str | None = None, attention: str | None = None, pattern: s
   RazorAttention's compensation token (pass `m.compensation` on to `generate`).
   tokenizer: one already loaded from this checkpoint (else it is loaded here).
   """
-  folder = resolve_checkpoint(ckpt, progress=progress)
-  config = store.load_config(folder)
+  ck = Checkpoint.open(ckpt, progress=progress)  # resolved and validated once
+  config = ck.config
   pat = None
-  pdir = Path(pattern) if pattern else store.default_pattern_dir(folder)
+  pdir = Path(pattern) if pattern else ck.default_pattern_dir
   if pdir is not None and (pattern or attention in (None, "duo")):
     pat = load_any(pdir)
   if attention is None:
@@ -114,11 +119,10 @@ def load_model(ckpt: str | None = None, attention: str | None = None, pattern: s
   if compensation and mask is None:
     raise ValueError("--compensation applies to streaming heads; use it with --attention duo, "
                      "streaming or random")
-  params = store.load_params(folder, dtype=dtype)
-  if mask is not None:
-    params = llama.apply_head_mask(params, mask)
-  tok = tokenizer if tokenizer is not None else store.load_tokenizer(folder)
-  return LoadedModel(config, params, tok, mask, pat, attention, folder, compensation)
+  # split once here: the jitted steps merge the handle inside their trace
+  model = model_handle.from_params(config, ck.params(dtype=dtype), mask)
+  tok = tokenizer if tokenizer is not None else ck.tokenizer()
+  return LoadedModel(config, model, tok, mask, pat, attention, ck.path, compensation)
 
 
 def parse_dtype(name: str | None):

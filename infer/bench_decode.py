@@ -1,8 +1,8 @@
 """Per-token decode latency and memory: full attention vs DuoAttention, against HF
 transformers and the memory-bandwidth floor.
 
-  python infer/bench_decode.py --out out/bench_decode                 # GPU, defaults below
-  python infer/bench_decode.py --out /tmp/bd --smoke                  # CPU check (tiny model)
+  python -m infer.bench_decode --out out/bench_decode                 # GPU, defaults below
+  python -m infer.bench_decode --out /tmp/bd --smoke                  # CPU check (tiny model)
 
 Models: the Llama-3-8B shape (GQA 32/8) and the Llama-2-7B shape (MHA 32/32),
 random bf16 weights made on the device. Configs: full attention and duo at each
@@ -43,15 +43,15 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from duojax.config import DEPLOY
 
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 K = 1024
+SINK, RECENT = DEPLOY.sink, DEPLOY.recent
 
 
 def kfmt(n: int) -> str:
   return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
-SINK, RECENT = 64, 256
 
 
 def model_configs(smoke: bool):
@@ -95,7 +95,7 @@ def torch_copy_GBps(nbytes=2 * 2**30):
   import torch
   if not torch.cuda.is_available():
     return None
-  import torch_peer  # infer/ is this script's folder, so it is on sys.path
+  from infer import torch_peer
   return torch_peer.copy_GBps(nbytes)
 
 
@@ -171,7 +171,7 @@ def hf_worker(args):
       torch.cuda.empty_cache()
   peer_rows = []
   if args.peer:  # the gpt-fast-style peer: sdpa over a static cache, the step in a CUDA graph
-    import torch_peer
+    from infer import torch_peer
     for name, config in model_configs(args.smoke).items():
       if name not in args.models.split(",") and not args.smoke:
         continue
@@ -327,7 +327,7 @@ def unfused_backend(name: str) -> str:
   retrieval and streaming decode ops separately), registered as NAME-unfused."""
   from duojax.attention import dispatch
   name = dispatch.resolve_backend(name)
-  ops = {k: v for k, v in dispatch._load(name).items() if k != "duo_decode"}
+  ops = {k: v for k, v in dispatch.backend_ops(name).items() if k != "duo_decode"}
   dispatch.register_backend(f"{name}-unfused", ops)
   return f"{name}-unfused"
 
@@ -487,7 +487,9 @@ def main(argv=None):
       print("torch copy unavailable:", repr(e)[:200])
   if not args.no_hf:
     hf_json = out / "hf_rows.json"
-    cmd = [sys.executable, __file__, "--hf-worker", "--out", str(out), "--hf-json", str(hf_json),
+    # the child runs from this process's folder, where `-m infer...` found this module
+    cmd = [sys.executable, "-m", "infer.bench_decode", "--hf-worker", "--out", str(out),
+           "--hf-json", str(hf_json),
            "--models", args.hf_models, "--contexts", args.hf_contexts, "--steps", "8",
            "--hf-contexts-mha", args.hf_contexts_mha, "--batches", args.batches,
            "--max-batch-ctx", str(args.max_batch_ctx)] + (["--no-peer"] if not args.peer else [])
@@ -510,7 +512,7 @@ def main(argv=None):
   copy = max(jax_copy, torch_copy or 0.0)
   meta = {"device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__,
           "date": datetime.datetime.now().isoformat(timespec="seconds"),
-          "command": "python infer/bench_decode.py " + " ".join(argv or sys.argv[1:]),
+          "command": "python -m infer.bench_decode " + " ".join(argv or sys.argv[1:]),
           "copy_GBps": copy, "jax_copy_GBps": jax_copy, "torch_copy_GBps": torch_copy,
           "backend": args.backend, "steps": args.steps}
   print(f"# {meta['device']} copy {copy:.0f} GB/s, backend {args.backend}", flush=True)

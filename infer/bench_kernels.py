@@ -1,8 +1,8 @@
 """Each attention kernel alone: time, GB/s (decode) or TFLOP/s (prefill), against a
 device copy measured in the same run.
 
-  python infer/bench_kernels.py --out out/bench_kernels            # GPU: the full set
-  python infer/bench_kernels.py --out /tmp/bk --smoke              # CPU: tiny, xla only
+  python -m infer.bench_kernels --out out/bench_kernels            # GPU: the full set
+  python -m infer.bench_kernels --out /tmp/bk --smoke              # CPU: tiny, xla only
 
 Timing. An op is jitted as a chain of n dependent calls (each call's output is
 the next call's query, so nothing can be hoisted or overlapped), cycling over
@@ -35,8 +35,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from duojax import cache as kvc  # noqa: E402
 from duojax.attention import reference  # noqa: E402

@@ -1,11 +1,11 @@
 """Chunked prefill time and memory: full attention vs DuoAttention.
 
-  python infer/bench_prefill.py --out out/bench_prefill                # GPU
-  python infer/bench_prefill.py --out /tmp/bp --smoke                  # CPU check (tiny model)
+  python -m infer.bench_prefill --out out/bench_prefill                # GPU
+  python -m infer.bench_prefill --out /tmp/bp --smoke                  # CPU check (tiny model)
 
 The Llama-3-8B shape (or --model llama2-7b) with random bf16 weights made on
 the device, batch 1, random prompt tokens, chunks of --chunk tokens through
-`engine._prefill_step` (compiled once per config for a cache of the longest
+`engine.prefill_step` (compiled once per config for a cache of the longest
 context). One pass over the longest context; the prefill time of a shorter
 context is the cumulative time at its last chunk (the chunks before it are the
 same work), each chunk synchronised. Configs: full and duo at --sparsities
@@ -25,9 +25,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_decode import K, kfmt, model_configs, random_mask  # noqa: E402
+from infer.bench_decode import K, kfmt, model_configs, random_mask  # noqa: E402
 
 
 def retrieval_route(backend: str) -> str:
@@ -69,7 +67,7 @@ def main(argv=None):
   limit = (dev.memory_stats() or {}).get("bytes_limit", 16 * 2**30)
   meta = {"device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__,
           "date": datetime.datetime.now().isoformat(timespec="seconds"),
-          "command": "python infer/bench_prefill.py " + " ".join(argv or sys.argv[1:]),
+          "command": "python -m infer.bench_prefill " + " ".join(argv or sys.argv[1:]),
           "backend": backend, "chunk": chunk, "model": name,
           "retrieval_chunk_route": retrieval_route(backend)}
   print(f"# {meta['device']} backend {backend} ({meta['retrieval_chunk_route']}), chunk {chunk}",
@@ -93,8 +91,8 @@ def main(argv=None):
     i32 = jax.ShapeDtypeStruct((1,), jnp.int32)
     hid = jax.ShapeDtypeStruct((1, config.hidden_size), jnp.bfloat16)
     t0 = time.perf_counter()
-    step = engine._prefill_step.lower(params, config, jax.ShapeDtypeStruct((1, chunk), jnp.int32),
-                                      cache, i32, i32, hid, backend).compile()
+    step = engine.prefill_step.lower(params, config, jax.ShapeDtypeStruct((1, chunk), jnp.int32),
+                                     cache, i32, i32, hid, backend).compile()
     compile_s = time.perf_counter() - t0
     try:
       temp = step.memory_analysis().temp_size_in_bytes

@@ -1,7 +1,7 @@
 """DuoAttention vs RazorAttention vs retrieval-score heads on one model, same prompts.
 
-  python infer/compare_patterns.py --out results/compare-smollm2     # the full run (GPU)
-  python infer/compare_patterns.py --out /tmp/cmp --quick            # a CPU smoke run
+  python -m infer.compare_patterns --out results/compare-smollm2     # the full run (GPU)
+  python -m infer.compare_patterns --out /tmp/cmp --quick            # a CPU smoke run
 
 Patterns (each saved under OUT/patterns/NAME in our format):
   duo     DuoAttention's trained gates: --duo-pattern DIR, else the checkpoint's
@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from duojax import cache as kvc
+from duojax.config import DEPLOY
 from duojax.eval import grid, harness, plots
 from duojax.eval.methods import Method, build_methods, parse_sparsities
 
@@ -86,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--tasks", default="niah,passkey")
   ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                   help="chat template around prompts (default; --no-chat for raw text)")
-  ap.add_argument("--sink", type=int, default=None, help="streaming sink tokens (64)")
-  ap.add_argument("--recent", type=int, default=None, help="streaming recent window (256)")
+  ap.add_argument("--sink", type=int, default=None, help=f"streaming sink tokens ({DEPLOY.sink})")
+  ap.add_argument("--recent", type=int, default=None,
+                  help=f"streaming recent window ({DEPLOY.recent})")
   ap.add_argument("--seed", type=int, default=0, help="seeds random heads, razor's block, keys")
   ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                   help="evaluation dtype; auto: bfloat16 on GPU/TPU, float32 on CPU")
@@ -192,7 +194,7 @@ def run(argv=None) -> int:
   steps["load"] = round(time.perf_counter() - t0, 2)
 
   patterns, sources, id_info = {}, {}, {}
-  command = "python infer/compare_patterns.py " + " ".join(sys.argv[1:] if argv is None else argv)
+  command = "python -m infer.compare_patterns " + " ".join(sys.argv[1:] if argv is None else argv)
   dev = harness.device_info()
   id_params = None
 

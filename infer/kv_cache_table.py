@@ -1,6 +1,6 @@
 """KV-cache bytes, full vs DuoAttention, for real model shapes (no weights needed).
 
-  python infer/kv_cache_table.py [--patterns ../shared/data/duo_attention_patterns] [--out DIR]
+  python -m infer.kv_cache_table [--patterns ../shared/data/duo_attention_patterns] [--out DIR]
 
 Uses the official DuoAttention patterns of Llama-3-8B and Llama-2-7B binarised at
 each sparsity (the real per-layer splits), bf16, batch 1, deployment sink 64 /
@@ -16,7 +16,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from duojax.cache import kv_cache_bytes
-from duojax.config import LLAMA2_7B, LLAMA3_8B
+from duojax.config import DEPLOY, LLAMA2_7B, LLAMA3_8B
 from duojax.pattern import load_any
 
 MODELS = {"Llama-3-8B (GQA 32/8)": (LLAMA3_8B, "Llama-3-8B-Instruct-Gradient-1048k"),
@@ -38,7 +38,8 @@ def main(argv=None):
   print("| model | tokens | full GiB | duo 0.5 GiB | ratio | duo 0.75 GiB | ratio |")
   print("|---|---|---|---|---|---|---|")
   for label, (cfg, folder) in MODELS.items():
-    pat = load_any(Path(a.patterns) / folder).with_settings(sink=64, recent=256)
+    pat = load_any(Path(a.patterns) / folder).with_settings(sink=DEPLOY.sink,
+                                                            recent=DEPLOY.recent)
     masks = {s: pat.binarize(sparsity=s) for s in (0.5, 0.75)}
     for lname, n in LENGTHS.items():
       full = kv_cache_bytes(cfg, None, n, 1, jnp.bfloat16)

@@ -1,7 +1,7 @@
 """A first accuracy check of a head pattern: numeric passkeys in long contexts,
 answered with full attention and with DuoAttention on the same prompts.
 
-  python infer/passkey_check.py [--ckpt smollm2-135m] [--pattern DIR] --haystack DIR \
+  python -m infer.passkey_check [--ckpt smollm2-135m] [--pattern DIR] --haystack DIR \
       [--length 4000] [--depths 5] [--sparsity 0.5] [--out check.json]
 """
 

@@ -2,8 +2,8 @@
 `scaled_dot_product_attention` with GQA, the whole step captured in one CUDA graph (the
 gpt-fast approach), written here so that duojax is compared against more than HF eager.
 
-  python infer/torch_peer.py --out OUT --contexts 32,128,256 --batches 1,16     # GPU
-  python infer/torch_peer.py --out /tmp/tp --smoke                               # CPU check
+  python -m infer.torch_peer --out OUT --contexts 32,128,256 --batches 1,16     # GPU
+  python -m infer.torch_peer --out /tmp/tp --smoke                               # CPU check
 
 The step is plain torch (no custom kernels): embedding row, per layer RMSNorm -> q/k/v ->
 RoPE -> write the new key/value at each row's position -> sdpa over the whole static cache

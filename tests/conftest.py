@@ -149,4 +149,5 @@ def no_model(monkeypatch):
   def boom(*a, **k):
     raise AssertionError("the model was loaded before the arguments were checked")
   monkeypatch.setattr(embedded, "resolve_checkpoint", boom)
+  monkeypatch.setattr(embedded, "resolve_with_marker", boom)  # what Checkpoint.open calls
   monkeypatch.setattr(store, "load_params", boom)

@@ -35,3 +35,16 @@ def params_from_torch(model, cfg):
   from duojax.checkpoint.hf import params_from_hf_state
   sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   return jax.tree_util.tree_map(jnp.asarray, params_from_hf_state(sd.__getitem__, cfg))
+
+
+# The agreed logical axis names of each weight, written out here rather than read from
+# duojax/layout.py, so that a renamed axis fails the tests that compare against it.
+AGREED_AXES = {
+    "embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "final_norm": ("embed",),
+    "attn_norm": ("embed",), "mlp_norm": ("embed",),
+    "wq": ("embed", "kv_heads", "q_group", "head_dim"), "wk": ("embed", "kv_heads", "head_dim"),
+    "wv": ("embed", "kv_heads", "head_dim"), "wo": ("kv_heads", "q_group", "head_dim", "embed"),
+    "bq": ("kv_heads", "q_group", "head_dim"), "bk": ("kv_heads", "head_dim"),
+    "bv": ("kv_heads", "head_dim"), "q_norm": ("head_dim",), "k_norm": ("head_dim",),
+    "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
+}

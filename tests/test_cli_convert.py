@@ -74,9 +74,9 @@ def test_truncated_safetensors(tmp_path, capsys):
 
 def test_out_refused_before_converting(tiny_ckpt, tmp_path, capsys, monkeypatch):
   """An existing checkpoint, a non-empty folder, a file: refused before any work."""
-  from duojax.checkpoint import gguf_file
+  from duojax.checkpoint import conversion, gguf_file
   monkeypatch.setattr(gguf_file, "read_gguf", lambda *a, **k: pytest.fail("converted anyway"))
-  monkeypatch.setattr(convert, "read_hf_folder", lambda *a, **k: pytest.fail("converted anyway"))
+  monkeypatch.setattr(conversion, "read_hf_folder", lambda *a, **k: pytest.fail("converted anyway"))
   (tmp_path / "x.gguf").write_bytes(b"GGUF")
   full = tmp_path / "full"
   full.mkdir()

@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from duojax.checkpoint import store
@@ -172,3 +174,122 @@ def test_second_ctrl_c_quits_during_compile(tiny_ckpt, tmp_path):
   assert p.returncode in (130, -signal.SIGINT), err  # -2: the second one landed at exit
   assert time.time() - t1 < 5
   assert "Traceback" not in err, err
+
+
+# -- train/train_gates.py: the gate-training job -------------------------------------------
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train" / "train_gates.py"
+
+
+def test_train_gates_job_runs_a_tiny_recipe(tiny_ckpt, tmp_path):
+  """The job script on a tiny recipe for 2 steps, as a user runs it: the library's loop
+  trains (2 log lines, a checkpoint, a pattern of the model's shape), flags override the
+  YAML, and the job records its recipe; --distributed on one host is a no-op."""
+  import yaml
+  hay = tmp_path / "hay.txt"
+  hay.write_text(HAY)
+  out = tmp_path / "run"
+  recipe = {"ckpt": str(tiny_ckpt), "haystack": str(hay), "out": str(out), "steps": 50,
+            "batch_size": 1, "min_len": 300, "max_len": 380, "len_intervals": 1,
+            "num_passkeys": 1, "passkey_words": 2, "sink": 4, "recent": 8, "lr": 0.02,
+            "reg": 0.05, "seed": 3, "save_every": 1, "pad_multiple": 128, "dtype": "float32",
+            "mesh": "data=1"}
+  cfg = tmp_path / "tiny.yaml"
+  cfg.write_text(yaml.safe_dump(recipe))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    env.pop(k, None)
+  r = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--config", str(cfg), "--steps", "2",
+                      "--distributed"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr
+  assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 2
+  log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+  assert [x["step"] for x in log] == [1, 2] and all(np.isfinite(x["loss"]) for x in log)
+  from duojax.checkpoint import store
+  from duojax.pattern import load_any
+  config = store.load_config(tiny_ckpt)
+  pat = load_any(out / "pattern")
+  assert pat.gates.shape == (config.num_layers, config.num_kv_heads)
+  assert (pat.sink, pat.recent) == (4, 8) and pat.metadata["steps"] == 2  # the flag won
+  assert yaml.safe_load((out / "recipe.yaml").read_text()) == recipe
+  (job,) = json.loads((out / "job.json").read_text())["runs"]
+  assert job["processes"] == 1 and "--steps 2" in job["command"] and not job["resume"]
+  assert any((out / "checkpoints").iterdir())
+
+
+def test_train_gates_job_on_two_processes_equals_one(tiny_ckpt, tmp_path):
+  """Multi-host for real: train/launch_multihost.sh starts 2 local processes (one CPU device
+  each, joined by jax.distributed) on a data=2 mesh spanning both. They train, checkpoint
+  (orbax, all processes) and write one log and one pattern, and the gates equal a
+  single-process run on 2 devices of the same recipe."""
+  import socket
+  import yaml
+  from duojax.pattern import load_any
+  hay = tmp_path / "hay.txt"
+  hay.write_text(HAY)
+  recipe = {"ckpt": str(tiny_ckpt), "haystack": str(hay), "steps": 2, "batch_size": 2,
+            "min_len": 300, "max_len": 380, "len_intervals": 1, "num_passkeys": 1,
+            "passkey_words": 2, "sink": 4, "recent": 8, "seed": 3, "save_every": 1,
+            "pad_multiple": 128, "dtype": "float32", "mesh": "data=2"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
+    env.pop(k, None)
+  with socket.socket() as sock:  # a free port for the coordinator
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  runs = {}
+  for name, extra in (("two", {"LOCAL_PROCESSES": "2", "PORT": str(port)}),
+                      ("one", {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})):
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump({**recipe, "out": str(tmp_path / name)}))
+    cmd = (["bash", str(TRAIN_SCRIPT.parent / "launch_multihost.sh")] if name == "two"
+           else [sys.executable, str(TRAIN_SCRIPT)]) + ["--config", str(cfg)]
+    r = subprocess.run(cmd, env={**env, **extra}, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs[name] = tmp_path / name
+  two, one = runs["two"], runs["one"]
+  log = [json.loads(x) for x in (two / "log.jsonl").read_text().splitlines()]
+  assert [x["step"] for x in log] == [1, 2]  # one writer, not one line per process
+  assert sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+  np.testing.assert_allclose(load_any(two / "pattern").gates, load_any(one / "pattern").gates,
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_train_gates_job_errors_name_the_fix(tmp_path):
+  r = subprocess.run([sys.executable, str(TRAIN_SCRIPT)], capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 2 and "--config is required" in r.stderr
+  r = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--config", str(tmp_path / "no.yaml")],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "not found" in r.stderr and "configs/" in r.stderr
+
+
+def test_init_distributed_on_one_host_is_a_no_op(monkeypatch):
+  """One process (a flag, or the env), or nothing to join: no jax.distributed call. A
+  partial multi-host spec is refused with what is missing."""
+  import jax
+  from duojax.identify.__main__ import init_distributed
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(a))
+  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(k, raising=False)
+  assert init_distributed(num_processes=1) == 1
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "1")
+  assert init_distributed("host0:1234") == 1
+  assert calls == []
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  with pytest.raises(ValueError, match="--process-id and --coordinator"):
+    init_distributed()
+  monkeypatch.setenv("JAX_PROCESS_ID", "2")
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "host0:1234")
+  init_distributed()  # the env is the whole spec: handed to JAX as is
+  assert calls == [("host0:1234", 4, 2)]
+
+  def no_cluster(*a, **k):
+    raise ValueError("coordinator_address should be defined.")
+  monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(k)
+  assert init_distributed() == 1  # nothing set, no cluster detected: this host alone

@@ -3,7 +3,6 @@ overlap arithmetic; the SmolLM2 run with tiny settings is marked slow."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from duojax.config import tiny_config
 from duojax.model import init_params
 from duojax.pattern import load_any, random_pattern
+from infer import compare_patterns as cp  # the repo root is on pytest's path (pyproject)
 
 from test_eval import _hay_text, char_tokenizer
 
@@ -21,15 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CFG = tiny_config(vocab_size=128, max_position_embeddings=1024)
 
 
-def _script():
-  spec = importlib.util.spec_from_file_location("compare_patterns",
-                                                ROOT / "infer" / "compare_patterns.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-cp = _script()
 
 
 def test_jaccard_and_razor_block():
@@ -62,7 +53,9 @@ def test_shipped_patterns(name, method):
   script on an H100; see their metadata["command"] and ["device"])."""
   pat = load_any(ROOT / "duojax" / "patterns" / name)
   assert pat.shape == (30, 3) and pat.metadata["method"] == method
-  assert pat.metadata["command"].startswith("python infer/compare_patterns.py")
+  # recorded when they were made, before the scripts ran as modules (`python -m infer.*`)
+  assert pat.metadata["command"].startswith(("python infer/compare_patterns.py",
+                                             "python -m infer.compare_patterns"))
   frac = pat.mask().retrieval_fraction  # the method's own rule
   assert 0.05 < frac < 0.25
   if method == "razor":

@@ -1,7 +1,6 @@
 """DuoAttention serving (split cache, chunked prefill, decode) equals a dense
 full-length reference with a per-head mask (causal / streaming)."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +10,8 @@ import pytest
 from duojax import cache as kvc
 from duojax.attention.reference import dense_attention
 from duojax.config import tiny_config
-from duojax.engine import _prefill_step, pad_batch, prefill
-from duojax.model import llama
+from duojax.engine import pad_batch, prefill, prefill_step
+from duojax.model import handle, llama
 from duojax.pattern import HeadMask
 
 SINK, RECENT = 3, 5
@@ -27,10 +26,11 @@ def dense_logits(params, cfg, tokens, lengths, mask):
   return np.asarray(llama.logits_from_hidden(params, h))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _decode_one(params, cfg, tok, cache):
-  h, cache = llama.forward_chunk(params, cfg, tok[:, None], cache, jnp.ones(tok.shape, jnp.int32))
-  return llama.logits_from_hidden(params, h[:, 0]), cache
+@jax.jit
+def _decode_one(model, tok, cache):
+  m = model.module()  # merged inside the trace: the graphdef is static
+  h, cache = m(tok[:, None], cache, jnp.ones(tok.shape, jnp.int32))
+  return m.logits(h[:, 0]), cache
 
 
 def served_logits(params, cfg, seqs, prompt_lens, mask, chunk):
@@ -38,7 +38,7 @@ def served_logits(params, cfg, seqs, prompt_lens, mask, chunk):
 
   Returns per row the logits at every position of its sequence [len, V].
   """
-  p = llama.apply_head_mask(params, mask) if mask is not None else params
+  p = handle.from_params(cfg, params, mask)  # the NNX model, reordered for the mask
   prompts = [s[:n] for s, n in zip(seqs, prompt_lens)]
   tokens, lengths = pad_batch(prompts, chunk)
   n_dec = max(len(s) - n for s, n in zip(seqs, prompt_lens))
@@ -48,7 +48,7 @@ def served_logits(params, cfg, seqs, prompt_lens, mask, chunk):
   out = [list(logits[b, :n]) for b, n in enumerate(prompt_lens)]
   for i in range(n_dec):
     tok = np.array([s[min(n + i, len(s) - 1)] for s, n in zip(seqs, prompt_lens)], np.int32)
-    lg, cache = _decode_one(p, cfg, jnp.asarray(tok), cache)
+    lg, cache = _decode_one(p, jnp.asarray(tok), cache)
     for b, (s, n) in enumerate(zip(seqs, prompt_lens)):
       if n + i < len(s):
         out[b].append(np.asarray(lg[b]))
@@ -130,14 +130,14 @@ def test_kv_cache_bytes_match_allocated_arrays(mask_kind):
 def test_streaming_heads_hold_no_full_length_buffer_during_prefill():
   """No array in the compiled prefill step has the sequence capacity as a dim."""
   cfg = CONFIGS["gqa"]
-  params = llama.init_params(cfg, jax.random.PRNGKey(0))
   capacity = 1237  # a size no other dimension has
   mask = HeadMask.all_streaming(cfg.num_layers, cfg.num_kv_heads, SINK, RECENT)
+  params = handle.init(cfg, jax.random.PRNGKey(0), mask=mask)
   cache = kvc.init_cache(cfg, 2, capacity, mask, jnp.float32)
   hid = jnp.zeros((2, cfg.hidden_size))
   n = jnp.array([16, 4], jnp.int32)
   jaxpr = jax.make_jaxpr(
-      lambda p, t, c: _prefill_step(p, cfg, t, c, n, n, hid, "xla"))(params, jnp.zeros((2, 16), jnp.int32), cache)
+      lambda p, t, c: prefill_step(p, cfg, t, c, n, n, hid, "xla"))(params, jnp.zeros((2, 16), jnp.int32), cache)
   shapes = {tuple(v.aval.shape) for eq in jaxpr.jaxpr.eqns for v in eq.outvars}
   shapes |= {tuple(x.shape) for x in jax.tree_util.tree_leaves(cache)}
   assert not [s for s in shapes if capacity in s]
@@ -164,7 +164,7 @@ def test_fused_duo_decode_dispatch_equals_split_path(model):
     calls.append(a[0].shape)
     return real(*a)
 
-  dispatch._BACKENDS["fused-ref"]["duo_decode"] = counted
+  dispatch.register_backend("fused-ref", {"duo_decode": counted})
   mask = random_mask(cfg, 3)
   p = llama.apply_head_mask(params, mask)
   rng = np.random.default_rng(5)

@@ -413,3 +413,133 @@ def test_influence_dispatch(capsys):
     main(["influence", "--help"])
   assert e.value.code == 0
   assert "python -m duojax.eval influence" in capsys.readouterr().out
+
+
+# -- compiles: one prefill and one decode program per method, whatever the lengths -------
+
+class _CompileLog:
+  """Counts XLA compiles by function name from jax's compile log."""
+
+  def __init__(self):
+    import collections
+    import logging
+    self.names = collections.Counter()
+    outer = self
+
+    class H(logging.Handler):
+      def emit(self, r):
+        m = r.getMessage()
+        if m.startswith("Finished XLA compilation of "):
+          outer.names[m.split(" of ", 1)[1].split(" in ")[0]] += 1
+    self.handler, self.logger = H(), logging.getLogger("jax")
+
+  def __enter__(self):
+    from jax.experimental.compilation_cache import compilation_cache
+    self.old = (jax.config.jax_log_compiles, self.logger.level,
+                jax.config.jax_enable_compilation_cache)
+    jax.config.update("jax_log_compiles", True)
+    # A program an earlier test of this session built (same function, same shapes) comes
+    # from jax's in-memory caches, or from the persistent cache an in-process CLI test turns
+    # on (duojax.infer.enable_compile_cache): either way it is not compiled and logs nothing.
+    # Count from empty caches, with the persistent one off (reset: jax decides once).
+    jax.clear_caches()
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    self.logger.addHandler(self.handler)
+    self.logger.setLevel(10)
+    return self.names
+
+  def __exit__(self, *exc):
+    from jax.experimental.compilation_cache import compilation_cache
+    jax.config.update("jax_log_compiles", self.old[0])
+    jax.config.update("jax_enable_compilation_cache", self.old[2])
+    compilation_cache.reset_cache()
+    self.logger.setLevel(self.old[1])
+    self.logger.removeHandler(self.handler)
+
+
+def test_grid_compiles_once_per_method(hay, tok, params):
+  """A 2-length x 2-method grid compiles 2 programs per method (prefill chunk and
+  decode loop), none per length; a second task of the same shapes compiles none;
+  the ahead-of-time programs answer as the jitted engine path does."""
+  from duojax.eval import harness
+  pat = random_pattern(CFG.num_layers, CFG.num_kv_heads, seed=9, sink=4, recent=16)
+  built = M.build_methods(M.parse_methods("full,duo", "0.5"), CFG, pat, 4, 16)
+  model = harness.EvalModel(CFG, params, tok, None, "tiny", pat, "test", "float32")
+  kw = dict(max_new_tokens=3, prefill_chunk=64, batch_size=2, backend="xla")
+  programs = {}
+  with _CompileLog() as names:
+    doc = harness.run_retrieval("niah", model, hay, built, [300, 400], [0.0, 1.0], False, kw,
+                                needle=TASK, progress=False, programs=programs)
+    first = dict(names)
+    names.clear()
+    harness.run_retrieval("mkniah", model, hay, built, [300, 400], [0.0, 1.0], False, kw,
+                          num_keys=2, progress=False, programs=programs)
+    second = dict(names)
+  assert first.get("jit(prefill_step)") == 2 and first.get("jit(decode)") == 2, first
+  assert "jit(prefill_step)" not in second and "jit(decode)" not in second, second
+  assert len(programs) == 2 and doc["seconds"]["compile"] > 0
+  # the same cells through the plain jitted path
+  cells = niah.build_cells(hay, tok, TASK, [300, 400], [0.0, 1.0], grid.PromptFormat())
+  gen = GenSettings.for_lengths(400, CFG, **kw)
+  bm = built[1]
+  p = llama.apply_head_mask(params, bm.mask)
+  batch = [c.prompt for c in cells if c.length == 400]
+  plain = greedy_generate(p, CFG, batch, bm.mask, gen)
+  aot = greedy_generate(p, CFG, batch, bm.mask, gen, programs=programs)
+  assert aot == plain
+  rows = [r for r in doc["cells"] if r["method"] == bm.method.name and r["length"] == 400]
+  assert [r["output"] for r in rows] == [tok.decode(x, skip_special_tokens=True) for x in plain]
+
+
+def test_eval_table_smoke(ckpt, tmp_path, monkeypatch, capsys):
+  """The grid driver (infer/eval_table.py) end to end: 2 short lengths x 2 methods,
+  every task, a held-out perplexity text, the table, and the table again from JSON."""
+  from infer import eval_table
+  monkeypatch.setenv("DUOJAX_COMPILE_CACHE", "0")
+  d, out = ckpt, tmp_path / "grid"
+  held = tmp_path / "held.txt"
+  held.write_text(_hay_text(60).replace("Line", "Row"))
+  rc = eval_table.main(["--ckpt", str(d / "ck"), "--haystack", str(d / "hay.txt"),
+                        "--ppl-haystack", str(held), "--attention", "full,streaming",
+                        "--tasks", "niah,mkniah,passkey,ppl", "--keys", "2", "--sink", "4",
+                        "--recent", "16", "--lengths", "300,400", "--depths", "2",
+                        "--max-new-tokens", "3", "--prefill-chunk", "64", "--ppl-samples", "1",
+                        "--sparsities", "0.5", "--out", str(out), "--no-progress"])
+  assert rc == 0, capsys.readouterr().err
+  md = (out / "table.md").read_text()
+  for col in ("NIAH ROUGE-1 %", "multi-key NIAH (2 keys) exact %", "passkey %", "ppl @400"):
+    assert col in md
+  assert "| full |" in md and "| streaming |" in md and str(held) in md
+  for task in ("niah", "mkniah", "passkey", "ppl"):
+    assert (out / f"{task}.json").is_file() and (out / f"{task}.png").stat().st_size > 2000
+  mk = json.loads((out / "mkniah.json").read_text())
+  assert mk["plot_metric"] == "exact" and len(mk["cells"]) == 2 * 2 * 2
+  assert json.loads((out / "ppl.json").read_text())["settings"]["haystack"] == str(held)
+  capsys.readouterr()
+  assert eval_table.main(["--render", str(out)]) == 0
+  assert capsys.readouterr().out.strip() == md.strip()
+
+
+def test_ppl_precompiled_steps_match_the_jitted_path(params, hay):
+  built = M.build_methods(M.parse_methods("full,streaming"), CFG, None, 4, 8)
+  with _CompileLog() as names:
+    doc = ppl.evaluate(params, CFG, hay, built, 80, 1, [], chunk=32, progress=False)
+  assert names.get("jit(_nll_step)") == 2, dict(names)  # one per method, up front
+  win = np.stack([hay.take(80, doc["windows"][0])])
+  for bm in built:
+    p = params if bm.mask is None else llama.apply_head_mask(params, bm.mask)
+    nll = ppl.token_nll(p, CFG, win, bm.mask, 32)
+    assert doc["results"][bm.method.name]["ppl"] == pytest.approx(float(np.exp(nll.mean())),
+                                                                  rel=1e-5)
+  assert doc["results"]["full"]["ppl"] != doc["results"]["streaming"]["ppl"]
+
+
+def test_ppl_at_the_full_context(params, hay):
+  """A window as long as the model's context is allowed (32K on a 32K model)."""
+  cfg = tiny_config(vocab_size=128, max_position_embeddings=96)
+  built = M.build_methods(M.parse_methods("full"), cfg, None, 4, 8)
+  doc = ppl.evaluate(params, cfg, hay, built, 96, 1, [48], chunk=32, progress=False)
+  assert doc["length"] == 96 and np.isfinite(doc["results"]["full"]["ppl"])
+  with pytest.raises(ValueError, match="exceeds the model's context"):
+    ppl.evaluate(params, cfg, hay, built, 97, 1, [], chunk=32, progress=False)

@@ -157,17 +157,19 @@ def test_killed_conversion_is_cleaned_and_redone(tiny_gguf_pkg, tmp_path):
                      text=True, timeout=300)
   assert r.returncode == 0, r.stderr
   assert not stale.exists() and live.exists()
-  assert store.read_marker(home / "tiny")["format_version"] == 1
+  assert store.read_marker(home / "tiny")["format_version"] == store.FORMAT_VERSION
   assert sorted(p.name for p in home.iterdir()) == sorted([live.name, "tiny"])
 
 
 def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
   """Ctrl-C (or any error) in the middle of writing: no `out`, no staging folder."""
+  import jax
   import numpy as np
+  from duojax.layout import param_shapes
   from duojax.config import tiny_config
   cfg = tiny_config()
-  params = {"embed": np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32),
-            "final_norm": np.ones(cfg.hidden_size, np.float32), "layers": []}
+  params = jax.tree_util.tree_map(lambda s: np.zeros(s, np.float32), param_shapes(cfg),
+                                  is_leaf=lambda x: isinstance(x, tuple))
 
   class Boom:
     def save_pretrained(self, d):

@@ -38,7 +38,7 @@ def _why_skip() -> str | None:
 # Skip per test, not at import: `pytest -k gpu` on a CPU machine then lists every GPU test as
 # skipped with the reason (and exits 0) instead of collecting nothing.
 SKIP = _why_skip()
-pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
 kg = importlib.import_module("duojax.kernels.gpu") if SKIP is None else None
 
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 5e-3, jnp.float32: 1e-4}

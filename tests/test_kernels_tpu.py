@@ -57,7 +57,10 @@ LAYOUTS = {"gqa": (2, 3, 64, 2), "mha": (4, 1, 64, 2)}
 CASES = [("gqa", jnp.float32), ("mha", jnp.bfloat16)]
 
 
-class TestTpuKernels:
+class TpuKernelChecks:
+  """The checks, run compiled (TestTpuKernels, marked `tpu`) or interpreted on CPU.
+  Two subclasses of an uncollected base, because pytest hands a class's marks down to
+  its subclasses."""
   INTERPRET = False
 
   @pytest.fixture(autouse=True)
@@ -208,19 +211,39 @@ class TestTpuKernels:
       np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
 
 
-class TestTpuKernelsInterpret(TestTpuKernels):
+@pytest.mark.tpu
+class TestTpuKernels(TpuKernelChecks):
+  INTERPRET = False
+
+
+class TestTpuKernelsInterpret(TpuKernelChecks):
   INTERPRET = True
 
 
 # -- plain checks (no kernel runs) --------------------------------------------------------
 
 def test_backend_registration():
-  assert "tpu-interpret" in dispatch._BACKENDS
-  assert ("tpu" in dispatch._BACKENDS) == ON_TPU
+  assert "tpu-interpret" in dispatch.available_backends()
+  assert ("tpu" in dispatch.available_backends()) == ON_TPU
   assert (dispatch.resolve_backend("auto") == "tpu") == ON_TPU
-  ops = dispatch._load("tpu-interpret")
+  ops = dispatch.backend_ops("tpu-interpret")
   assert set(ops) == {"full_chunk", "streaming_chunk", "full_decode", "streaming_decode",
                       "dense_causal", "dense_streaming"}
+
+
+def test_importing_kernels_queries_no_device():
+  """Importing a kernel package must not initialise a JAX backend: a fresh interpreter
+  that imports them (and dispatch) still has no backend up."""
+  import subprocess
+  import sys
+  code = ("import jax\n"
+          "def boom(*a, **k): raise AssertionError('device queried at import')\n"
+          "jax.default_backend = jax.devices = jax.local_devices = boom\n"
+          "import duojax.attention.dispatch, duojax.cache, duojax.kernels.tpu, duojax.kernels.gpu\n"
+          "from jax._src import xla_bridge as xb\n"
+          "assert not getattr(xb, '_backends', None), sorted(xb._backends)\n")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
 
 
 def test_unsupported_chips_and_unavailable_backends_get_clear_errors():
@@ -238,7 +261,7 @@ def test_xla_dense_ops_are_the_reference():
   q = _randn(rng, (2, 9, 2, 2, 8), jnp.float32)
   k, v = (_randn(rng, (2, 9, 2, 8), jnp.float32) for _ in range(2))
   lengths = jnp.array([9, 5])
-  xla = dispatch._load("xla")
+  xla = dispatch.backend_ops("xla")
   np.testing.assert_array_equal(xla["dense_causal"](q, k, v, lengths),
                                 ref.dense_attention(q, k, v, lengths))
   np.testing.assert_array_equal(

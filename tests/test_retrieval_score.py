@@ -11,7 +11,7 @@ import pytest
 from duojax.attention.reference import dense_attention
 from duojax.config import tiny_config
 from duojax.identify import retrieval_score as rs
-from duojax.identify.imports import load_retrieval_scores
+from duojax.identify.formats import load_retrieval_scores
 from duojax.model import llama
 from helpers import random_params, tiny_hf_tokenizer  # noqa: E402
 

@@ -6,22 +6,15 @@ cache write and length mask; GQA and MHA; llama3 RoPE scaling checks that the pe
 HF's inv_freq rather than recomputing plain RoPE.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-PEER = Path(__file__).resolve().parents[1] / "infer" / "torch_peer.py"
-
 
 def _peer():
-  spec = importlib.util.spec_from_file_location("torch_peer", PEER)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  from infer import torch_peer  # the repo root is on pytest's path (pyproject)
+  return torch_peer
 
 
 @pytest.mark.parametrize("kv_heads,rope_scaling", [(2, None), (4, None),

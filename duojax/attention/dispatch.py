@@ -1,11 +1,15 @@
 """One entry point for a layer's attention, whatever its cache holds.
 
 `attend` writes a chunk's keys/values into the layer's cache and attends the
-chunk's queries, choosing per part of the cache (full / streaming) an
-implementation from the selected backend. The model calls only this, so a new
-cache kind or kernel slots in here without the layer knowing.
+chunk's queries. It knows no cache class: each cache kind brings its attention
+by `register_cache_attention(kind, fn)` where the kind is defined (duojax/cache.py
+for the full / streaming / DuoAttention parts, duojax/compensation.py for
+RazorAttention's compensated streaming part). An instance can only exist once
+its class was defined, so the table is complete for every cache there is. The
+model calls only `attend`, so a new cache kind or kernel slots in without the
+layer knowing.
 
-Backends register ops with these signatures (see attention/reference.py):
+Backends supply ops with these signatures (see attention/reference.py):
   full_chunk(q, k_cache, v_cache, q_pos, kv_len)
   streaming_chunk(q, slot_k, slot_v, slot_pos, slot_valid, k, v, q_pos, n_valid, sink, recent)
 and optionally `full_decode` / `streaming_decode` with the same signatures, used
@@ -13,17 +17,20 @@ when the chunk holds one token, and `duo_decode` (reference.duo_decode_attention
 a DuoAttention layer's retrieval and streaming heads in one launch: it replaces
 the two decode ops and the concatenation of their outputs. A backend may omit
 any op; the reference is used.
+
+Kernel backends live in duojax/kernels/<name>/ and are loaded on first use: the
+package's `backend_ops(name)` checks the device and packages (importing a kernel
+package queries no device) and returns the op table or raises with the fix.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from duojax import cache as kvc
-from duojax import compensation
 from duojax.attention import reference
 
 _BACKENDS: dict[str, dict[str, Callable]] = {
@@ -35,9 +42,13 @@ _BACKENDS: dict[str, dict[str, Callable]] = {
             q, k, v, lengths, jnp.ones((q.shape[2],), bool), sink, recent),
     }
 }
-# Backends whose module registers them on import; `auto` tries them in order.
+# Kernel backends and the package that builds each; `auto` picks by platform.
 _LAZY = {"gpu": "duojax.kernels.gpu", "tpu": "duojax.kernels.tpu",
          "tpu-interpret": "duojax.kernels.tpu"}
+_UNAVAILABLE: dict[str, str] = {}  # why a lazy backend failed to load (asked once)
+
+# attention per cache kind: fn(layer_cache, q, k, v, start, n_valid, backend) -> (out, cache)
+_CACHE_ATTENTION: dict[type, Callable] = {}
 
 
 class BackendUnavailable(RuntimeError, ValueError):
@@ -45,107 +56,92 @@ class BackendUnavailable(RuntimeError, ValueError):
 
 
 def register_backend(name: str, ops: dict[str, Callable]) -> None:
+  """Adds (or replaces) a backend's op table; ops missing from it fall back to xla."""
   _BACKENDS[name] = dict(ops)
+  _UNAVAILABLE.pop(name, None)
+
+
+def backend_ops(name: str) -> dict[str, Callable]:
+  """The op table of backend `name`, loading a kernel backend on first use.
+
+  Raises BackendUnavailable (naming why and what to do) for a known backend this
+  machine cannot run, ValueError for an unknown name. The table is the registry's
+  own: copy it before changing it (or register a new backend).
+  """
+  if name in _BACKENDS:
+    return _BACKENDS[name]
+  if name not in _LAZY:
+    raise ValueError(f"unknown attention backend {name!r}; choose from auto, xla, "
+                     f"{', '.join(sorted(set(_BACKENDS) - {'xla'} | set(_LAZY)))}")
+  if name not in _UNAVAILABLE:
+    try:
+      register_backend(name, importlib.import_module(_LAZY[name]).backend_ops(name))
+    except (ImportError, RuntimeError) as e:
+      _UNAVAILABLE[name] = str(e)
+  if name not in _BACKENDS:
+    raise BackendUnavailable(f"attention backend {name!r} is not available here: "
+                             f"{_UNAVAILABLE[name]}; --backend auto picks the best one this "
+                             "machine has, xla runs everywhere")
+  return _BACKENDS[name]
 
 
 def available_backends() -> list[str]:
   names = ["xla"]
-  for name, module in _LAZY.items():
+  for name in _LAZY:
     try:
-      _load(name)
+      backend_ops(name)
       names.append(name)
     except BackendUnavailable:
       pass
   return names
 
 
-def _load(name: str):
-  why = ""
-  if name not in _BACKENDS and name in _LAZY:
-    import importlib
-    try:
-      module = importlib.import_module(_LAZY[name])  # registers itself
-      why = f": {module.UNAVAILABLE[name]}" if name in getattr(module, "UNAVAILABLE", {}) else ""
-    except (ImportError, RuntimeError) as e:
-      why = f": {e}"
-  if name not in _BACKENDS:
-    raise BackendUnavailable(f"attention backend {name!r} is not available here{why}; "
-                             "--backend auto picks the best one this machine has, xla runs "
-                             "everywhere")
-  return _BACKENDS[name]
-
-
 def resolve_backend(name: str = "auto") -> str:
   """`auto` picks the kernel backend of the default device's platform, else xla."""
   if name != "auto":
-    if name not in _BACKENDS and name not in _LAZY:
-      raise ValueError(
-          f"unknown attention backend {name!r}; choose from auto, xla, {', '.join(_LAZY)}")
-    _load(name)
+    backend_ops(name)
     return name
   platform = jax.default_backend()
   want = {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(platform)
   if want:
     try:
-      _load(want)
+      backend_ops(want)
       return want
     except BackendUnavailable:
       pass
   return "xla"
 
 
-def _op(backend: str, name: str, decode: bool) -> Callable:
-  ops = _load(backend)
+def op(backend: str, name: str, decode: bool = False) -> Callable:
+  """Backend op `name` ("full_chunk", "streaming_chunk"); with decode=True its one-token
+  variant ("full_decode", ...) when the backend has one. Falls back to the xla reference."""
+  ops = backend_ops(backend)
   if decode and name.replace("chunk", "decode") in ops:
     return ops[name.replace("chunk", "decode")]
   return ops.get(name) or _BACKENDS["xla"][name]
 
 
-def _attend_full(c: kvc.FullLayerCache, q, k, v, start, n_valid, backend):
-  c = kvc.write_full(c, k, v, start, n_valid)
-  t = q.shape[1]
-  q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  out = _op(backend, "full_chunk", t == 1)(q, c.k, c.v, q_pos, start + n_valid)
-  return out, c
+def register_cache_attention(kind: type, fn: Callable) -> None:
+  """Makes `attend` route caches of class `kind` to
+  fn(layer_cache, q, k, v, start, n_valid, backend) -> (out, new layer cache)."""
+  _CACHE_ATTENTION[kind] = fn
 
 
-def _attend_stream(c: kvc.StreamLayerCache, q, k, v, start, n_valid, backend):
-  if isinstance(c, compensation.CompLayerCache):  # no kernel has it yet: the reference
-    return compensation.attend(c, q, k, v, start, n_valid)
-  t = q.shape[1]
-  q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  slot_pos, slot_valid = kvc.stream_slot_positions(start, c.sink, c.recent)
-  out = _op(backend, "streaming_chunk", t == 1)(
-      q, c.k, c.v, slot_pos, slot_valid, k, v, q_pos, n_valid, c.sink, c.recent)
-  return out, kvc.write_stream(c, k, v, start, n_valid)
-
-
-def _attend_duo_fused(fused, c: kvc.DuoLayerCache, q, k, v, start, n_valid):
-  n_r = c.n_retrieval
-  (kr, ks), (vr, vs) = (kvc.split_heads(x, n_r, 2) for x in (k, v))
-  fc = kvc.write_full(c.full, kr, vr, start, n_valid)
-  sc = c.stream
-  slot_pos, slot_valid = kvc.stream_slot_positions(start, sc.sink, sc.recent)
-  out = fused(q, fc.k, fc.v, start[:, None], start + n_valid, sc.k, sc.v, slot_pos, slot_valid,
-              k, v, n_valid, sc.sink, sc.recent)
-  return out, kvc.DuoLayerCache(fc, kvc.write_stream(sc, ks, vs, start, n_valid))
-
-
-def attend(layer_cache: kvc.LayerCache, q: jax.Array, k: jax.Array, v: jax.Array,
-           start: jax.Array, n_valid: jax.Array, backend: str = "xla"):
+def attend(layer_cache, q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
+           n_valid: jax.Array, backend: str = "xla"):
   """q [B, T, Hkv, G, D], k/v [B, T, Hkv, D] (after RoPE, retrieval heads first);
   start [B] tokens already cached per row, n_valid [B] real tokens in the chunk.
-  Returns (out [B, T, Hkv, G, D], updated layer cache)."""
-  if isinstance(layer_cache, kvc.FullLayerCache):
-    return _attend_full(layer_cache, q, k, v, start, n_valid, backend)
-  if isinstance(layer_cache, (kvc.StreamLayerCache, compensation.CompLayerCache)):
-    return _attend_stream(layer_cache, q, k, v, start, n_valid, backend)
-  n_r = layer_cache.n_retrieval
-  fused = _load(backend).get("duo_decode")
-  if fused is not None and q.shape[1] == 1 and isinstance(layer_cache.stream,
-                                                          kvc.StreamLayerCache):
-    return _attend_duo_fused(fused, layer_cache, q, k, v, start, n_valid)
-  (qr, qs), (kr, ks), (vr, vs) = (kvc.split_heads(x, n_r, 2) for x in (q, k, v))
-  out_r, fc = _attend_full(layer_cache.full, qr, kr, vr, start, n_valid, backend)
-  out_s, sc = _attend_stream(layer_cache.stream, qs, ks, vs, start, n_valid, backend)
-  return jnp.concatenate([out_r, out_s], axis=2), kvc.DuoLayerCache(fc, sc)
+  Returns (out [B, T, Hkv, G, D], updated layer cache).
+
+  backend: a name, or a hashable object with an `attend(layer_cache, q, k, v, start,
+  n_valid)` method that takes over the whole layer (a mesh-aware backend such as
+  `context_parallel.ContextParallel`); it rides through jit as a static argument,
+  so the model and this module need not know meshes."""
+  if not isinstance(backend, str):
+    return backend.attend(layer_cache, q, k, v, start, n_valid)
+  fn = _CACHE_ATTENTION.get(type(layer_cache))
+  if fn is None:
+    raise TypeError(f"no attention is registered for cache kind {type(layer_cache).__name__}; "
+                    "register one with duojax.attention.dispatch.register_cache_attention "
+                    "where the kind is defined")
+  return fn(layer_cache, q, k, v, start, n_valid, backend)

@@ -71,6 +71,24 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array
   return masked_attention(q, k, v, mask)
 
 
+def masked_softmax(s: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax of logits s over the last axis where mask holds (0 elsewhere; rows
+  with no key give 0).
+
+  Each mask gets its own max. Normalising the streaming softmax by the causal
+  max instead (they share logits) underflows at long contexts: when a query's
+  largest logit lies outside its window, every windowed exp can round to 0 or a
+  subnormal, the sum divides by ~1e-30 and the backward overflows to NaN (gate
+  training on Qwen2.5 turned every gate NaN after its first 32K-token step).
+  """
+  s = jnp.where(mask, s, -jnp.inf)
+  mx = jnp.max(s, axis=-1, keepdims=True)
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  e = jnp.where(mask, jnp.exp(s - mx), 0.0)
+  den = e.sum(-1, keepdims=True)  # >= 1 wherever a key is visible
+  return e / jnp.where(den > 0, den, 1.0)
+
+
 def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array,
                     lengths: jax.Array, sink: int, recent: int) -> jax.Array:
   """DuoAttention's training mix: alpha * full + (1 - alpha) * streaming.
@@ -89,14 +107,8 @@ def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array,
   scale = q.shape[-1] ** -0.5
   ct = jnp.promote_types(q.dtype, jnp.float32)
   s = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=ct) * scale
-  s = jnp.where(causal[:, None, None], s, -jnp.inf)
-  mx = jnp.max(s, axis=-1, keepdims=True)  # the causal max bounds the streaming one too
-  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-  e = jnp.exp(s - mx)
-  e = jnp.where(causal[:, None, None], e, 0.0)
-  e_s = jnp.where(stream[:, None, None], e, 0.0)
-  p_full = e / jnp.maximum(e.sum(-1, keepdims=True), 1e-30)
-  p_stream = e_s / jnp.maximum(e_s.sum(-1, keepdims=True), 1e-30)
+  p_full = masked_softmax(s, causal[:, None, None])
+  p_stream = masked_softmax(s, stream[:, None, None])
   a = gates.astype(ct)[None, :, None, None, None]
   p = a * p_full + (1 - a) * p_stream
   out = jnp.einsum("bhgts,bshd->bthgd", p.astype(v.dtype), v, preferred_element_type=ct)

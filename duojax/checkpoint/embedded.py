@@ -79,12 +79,37 @@ def _home_lock(home: Path, what: str):
     os.close(fd)  # releases the lock
 
 
+def embedded_name_of(folder: str | Path) -> str | None:
+  """The embedded model whose cached conversion `folder` is (DUOJAX_HOME/NAME), else None."""
+  folder = Path(folder).absolute()
+  if folder.name in EMBEDDED and folder.parent == duojax_home().absolute():
+    return folder.name
+  return None
+
+
 def _complete(out: Path) -> dict | None:
+  """out's marker when it is a whole checkpoint of this duojax's format, else None."""
   from duojax.checkpoint import store
   try:
-    return store.read_marker(out)
+    meta = store.read_marker(out)
   except CheckpointError:
     return None
+  return meta if meta.get("format_version", 1) == store.FORMAT_VERSION else None
+
+
+def _own_patterns(out: Path, shipped: Path | None) -> tuple[dict[str, Path], str | None]:
+  """Patterns a user added to a cached folder (identify --ckpt NAME writes them there), to
+  carry over when the folder is re-created, and its default pattern's name."""
+  from duojax.checkpoint import store
+  try:
+    default = store.read_marker(out).get("default_pattern")
+  except CheckpointError:
+    default = None
+  root = out / "patterns"
+  found = {p.name: p for p in sorted(root.iterdir()) if p.is_dir()} if root.is_dir() else {}
+  if shipped is not None:
+    found.pop(shipped.name, None)  # the new conversion takes the shipped one afresh
+  return found, default if default in found or (shipped and default == shipped.name) else None
 
 
 def resolve_checkpoint(ckpt: str | None, progress: bool = True) -> Path:
@@ -94,9 +119,15 @@ def resolve_checkpoint(ckpt: str | None, progress: bool = True) -> Path:
   converts (under a lock, into a private folder renamed into place), the others wait and use
   its result; staging folders of killed runs are removed.
   """
+  return resolve_with_marker(ckpt, progress)[0]
+
+
+def resolve_with_marker(ckpt: str | None, progress: bool = True) -> tuple[Path, dict | None]:
+  """resolve_checkpoint, plus the marker it read for an embedded model (None for a folder,
+  which it does not read), so the caller need not read it again."""
   ckpt = ckpt or "smollm2-135m"
   if ckpt not in EMBEDDED:
-    return Path(ckpt)
+    return Path(ckpt), None
   from duojax.checkpoint import store
   home = duojax_home()
   out = home / ckpt
@@ -112,17 +143,35 @@ def resolve_checkpoint(ckpt: str | None, progress: bool = True) -> Path:
       store.clean_stale_temporaries(home)
       meta = _complete(out)
       if meta is None:
-        if out.exists():  # a half-written folder of an older duojax: ours (in DUOJAX_HOME)
-          _discard(out)
-        from duojax.convert import convert_gguf
+        from duojax.checkpoint.conversion import convert_gguf
+        keep, default, old = {}, None, None
+        if out.exists():  # ours (in DUOJAX_HOME): half-written, or of an older format
+          old = store.staging_name(out, "trash")  # removed by the next run if we die
+          try:
+            os.rename(out, old)
+          except OSError as e:
+            raise CheckpointError(f"cannot move the outdated {out} aside ({e.strerror or e}); "
+                                  "delete that folder, it is re-created") from e
+          keep, default = _own_patterns(old, shipped_pattern_dir(ckpt))
         if progress:
-          print(f"duojax: converting the embedded {ckpt} into {out} (once)", file=sys.stderr,
+          again = "again, in this duojax's checkpoint format" if old else "(once)"
+          print(f"duojax: converting the embedded {ckpt} into {out} {again}", file=sys.stderr,
                 flush=True)
         try:
           convert_gguf(gguf_path, out, progress=progress,
-                       default_pattern_src=shipped_pattern_dir(ckpt))
+                       default_pattern_src=shipped_pattern_dir(ckpt), extra_patterns=keep,
+                       default_pattern=default)
         except store.CheckpointExists:
           pass  # another process (without the lock) published it first: use that one
+        except BaseException:
+          if old is not None and not out.exists():  # keep the user's patterns for a retry
+            with contextlib.suppress(OSError):
+              os.rename(old, out)
+              old = None
+          raise
+        finally:
+          if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         meta = store.read_marker(out)
   shipped = shipped_pattern_dir(ckpt)
   if shipped is None and progress and not meta.get("default_pattern"):
@@ -130,18 +179,10 @@ def resolve_checkpoint(ckpt: str | None, progress: bool = True) -> Path:
           "you pass --pattern DIR (or --attention streaming/random)", file=sys.stderr, flush=True)
   if not meta.get("default_pattern") and shipped is not None:  # a cache from before it shipped
     with _home_lock(home, ckpt):
-      if not store.read_marker(out).get("default_pattern"):
+      meta = store.read_marker(out)
+      if not meta.get("default_pattern"):
         shutil.copytree(shipped, store.pattern_dir(out, shipped.name), dirs_exist_ok=True)
         store.set_default_pattern(out, shipped.name)
-  return out
+        meta = {**meta, "default_pattern": shipped.name}
+  return out, meta
 
-
-def _discard(folder: Path) -> None:
-  """Renames a folder out of the way first, so nothing ever sees it half-deleted."""
-  from duojax.checkpoint import store
-  trash = store.staging_name(folder, "trash")
-  try:
-    os.rename(folder, trash)
-  except OSError:
-    return
-  shutil.rmtree(trash, ignore_errors=True)

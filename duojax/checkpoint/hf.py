@@ -32,7 +32,9 @@ def convert_layer(get: Callable[[str], np.ndarray], names: dict[str, str], confi
   """HF [out, in] matrices -> our einsum layouts (see model/llama.py)."""
   e, d = config.hidden_size, config.head_dim
   h, g = config.num_kv_heads, config.group_size
-  c = lambda x: np.ascontiguousarray(x).astype(dtype)
+  # One copy at most (the transpose and the cast in one pass; none when neither is needed):
+  # a real-size conversion holds the whole output, so transient copies are what tips it over.
+  c = lambda x: np.ascontiguousarray(x, dtype=dtype)
   lp = {
       "attn_norm": c(get(names["attn_norm"])), "mlp_norm": c(get(names["mlp_norm"])),
       "wq": c(get(names["wq"]).reshape(h, g, d, e).transpose(3, 0, 1, 2)),
@@ -55,10 +57,11 @@ def params_from_hf_state(get: Callable[[str], np.ndarray], config: ModelConfig, 
   """get(name) -> np.ndarray for HF tensor names. progress: an iterable over layers (tqdm)."""
   layers = [convert_layer(get, _layer_names(i), config, dtype)
             for i in (progress if progress is not None else range(config.num_layers))]
-  params = {"embed": np.asarray(get("model.embed_tokens.weight")).astype(dtype),
-            "final_norm": np.asarray(get("model.norm.weight")).astype(dtype), "layers": layers}
+  params = {"embed": np.ascontiguousarray(get("model.embed_tokens.weight"), dtype=dtype),
+            "final_norm": np.ascontiguousarray(get("model.norm.weight"), dtype=dtype),
+            "layers": layers}
   if not config.tie_word_embeddings:
-    params["lm_head"] = np.ascontiguousarray(np.asarray(get("lm_head.weight")).T).astype(dtype)
+    params["lm_head"] = np.ascontiguousarray(get("lm_head.weight").T, dtype=dtype)
   return params
 
 
@@ -97,9 +100,86 @@ def read_json_object(path: Path, fix: str = "download or write it again") -> dic
   return d
 
 
+def _safetensors_dtypes() -> dict:
+  import ml_dtypes
+  return {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+          "BOOL": np.bool_}
+
+
+class SafetensorsFile:
+  """One .safetensors file read straight into host numpy arrays, a tensor at a time.
+
+  Not safetensors' safe_open: its flax framework routes every tensor through the device,
+  and its numpy framework refuses BF16 (numpy has no bfloat16), the dtype of almost every
+  real checkpoint. The format is an 8-byte little-endian header length, a JSON header
+  {name: {dtype, shape, data_offsets: [begin, end]}} and the raw little-endian bytes, so
+  each tensor is one read of exactly its bytes into its own buffer: host memory holds only
+  the tensors being converted, never a whole shard.
+  """
+
+  def __init__(self, path: str | Path):
+    self.path = Path(path)
+    bad = (f"{self.path} is not a readable safetensors file ({{}}); the download may be "
+           "incomplete: download it again")
+    try:
+      size = self.path.stat().st_size
+      with open(self.path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= size - 8:
+          raise CheckpointError(bad.format("no valid header"))
+        header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as e:
+      raise CheckpointError(bad.format(e.strerror or e)) from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise CheckpointError(bad.format(f"header is not JSON: {e}")) from e
+    if not isinstance(header, dict):
+      raise CheckpointError(bad.format("header is not a JSON object"))
+    header.pop("__metadata__", None)
+    self._start, self._tensors = 8 + n, {}
+    known = _safetensors_dtypes()
+    for name, t in header.items():
+      try:
+        begin, end = (int(x) for x in t["data_offsets"])
+        shape, dt = tuple(int(x) for x in t["shape"]), t["dtype"]
+      except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(bad.format(f"entry {name} is malformed")) from e
+      if dt not in known:
+        raise CheckpointError(f"{self.path}: tensor {name} has dtype {dt}, which duojax does not "
+                              "read; save the model in float32, float16 or bfloat16")
+      want = int(np.prod(shape, dtype=np.int64)) * np.dtype(known[dt]).itemsize
+      if end - begin != want or begin < 0:
+        raise CheckpointError(bad.format(f"tensor {name}'s offsets do not fit its shape"))
+      if self._start + end > size:
+        raise CheckpointError(f"{self.path} is truncated: tensor {name} ends past the end of "
+                              "the file; the download may be incomplete: download it again")
+      self._tensors[name] = (known[dt], shape, begin)
+
+  def keys(self):
+    return self._tensors.keys()
+
+  def get_tensor(self, name: str) -> np.ndarray:
+    """The tensor as a fresh writable host array of its stored dtype and shape."""
+    dt, shape, begin = self._tensors[name]
+    count = int(np.prod(shape, dtype=np.int64))
+    try:
+      x = np.fromfile(self.path, dtype=dt, count=count, offset=self._start + begin)
+    except OSError as e:
+      raise CheckpointError(f"{self.path}: tensor {name} cannot be read ({e.strerror or e}); "
+                            "download it again") from e
+    if x.size != count:
+      raise CheckpointError(f"{self.path}: tensor {name} is cut short; the file may be "
+                            "truncated: download it again")
+    return x.reshape(shape)
+
+
 def read_hf_folder(folder: str | Path, dtype=np.float32, progress=None):
-  """An HF folder (config.json + one or many *.safetensors) -> (config, params)."""
-  from safetensors import safe_open
+  """An HF folder (config.json + one or many *.safetensors) -> (config, params).
+
+  Tensors are read one at a time into host numpy (SafetensorsFile), so the peak host
+  memory is the output params plus about one tensor in flight.
+  """
   folder = Path(folder)
   cfg_path = folder / "config.json"
   if not cfg_path.is_file():
@@ -118,11 +198,7 @@ def read_hf_folder(folder: str | Path, dtype=np.float32, progress=None):
       index[name] = folder / shard
   handles = {}
   for f in files:
-    try:
-      handles[f] = safe_open(str(f), framework="flax")
-    except Exception as e:  # SafetensorError: truncated or not safetensors
-      raise CheckpointError(f"{f} is not a readable safetensors file ({e}); the download may be "
-                            "incomplete: download it again") from e
+    handles[f] = SafetensorsFile(f)
     for name in handles[f].keys():
       index.setdefault(name, f)
   if config.tie_word_embeddings is False and "lm_head.weight" not in index:
@@ -131,11 +207,10 @@ def read_hf_folder(folder: str | Path, dtype=np.float32, progress=None):
   def get(name):
     if name not in index:
       raise CheckpointError(f"tensor {name} is missing from {folder}; the download may be incomplete")
-    try:
-      return handles[index[name]].get_tensor(name)
-    except Exception as e:  # data cut short after a valid header
-      raise CheckpointError(f"{index[name]}: tensor {name} cannot be read ({e}); the file may be "
-                            "truncated: download it again") from e
+    if index[name] not in handles or name not in handles[index[name]].keys():
+      raise CheckpointError(f"{idx_path.name} puts {name} in {index[name].name}, which lacks it; "
+                            "the download may be incomplete: download it again")
+    return handles[index[name]].get_tensor(name)
 
   it = progress(range(config.num_layers)) if progress else None
   return config, params_from_hf_state(get, config, dtype, it)

@@ -2,6 +2,7 @@
 
   python -m duojax.eval niah --attention full,duo,streaming --lengths 1000,2000,4000,8000 \\
       --depths 10 --out niah.json --plot niah.png
+  python -m duojax.eval mkniah --attention full,duo --keys 4 --lengths 4k,8k --out mk.json
   python -m duojax.eval passkey --attention full,duo,random --sparsity 0.5 --out pk.json
   python -m duojax.eval ppl --attention full,duo --lengths 2000,4000,8000 --out ppl.json
   python -m duojax.eval influence ...   (duojax.eval.influence)
@@ -26,7 +27,7 @@ from duojax.config import ConfigError
 from duojax.engine import InputError
 from duojax.pattern import PatternError
 
-TASKS = ("niah", "passkey", "ppl")
+TASKS = ("niah", "mkniah", "passkey", "ppl")
 
 
 def _common(ap: argparse.ArgumentParser, lengths: str) -> None:
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
   n.add_argument("--needle", default=None, help="the sentence to hide")
   n.add_argument("--question", default=None)
   n.add_argument("--answer", default=None)
+  k = sub.add_parser("mkniah", help="multi-key NIAH: --keys same-kind needles (a city's "
+                                    "magic number), one asked, exact match, lengths x depths")
+  _common(k, "1000,2000,4000,8000")
+  _grid_args(k, 32)
+  k.add_argument("--keys", type=int, default=4, help="needles per prompt, one of them asked")
   p = sub.add_parser("passkey", help="passkey retrieval over lengths x depths")
   _common(p, "1000,2000,4000,8000")
   _grid_args(p, 32)
@@ -100,7 +106,7 @@ def check_args(a) -> None:
   validate.window(a.sink, a.recent)
   validate.at_least("--prefill-chunk", a.prefill_chunk, 1)
   validate.at_least("--samples", a.samples, 1)
-  for flag in ("max_new_tokens", "batch_size"):
+  for flag in ("max_new_tokens", "batch_size", "keys"):
     validate.at_least("--" + flag.replace("_", "-"), getattr(a, flag, None), 1)
   validate.writable_file("--out", a.out)
   validate.writable_file("--plot", a.plot)
@@ -145,7 +151,8 @@ def _run(a) -> dict:
     doc = harness.run_retrieval(
         a.task, model, hay, built, lengths, depths, a.chat, gen_kw, a.samples or 1, a.seed,
         a.offset, needle=needle, variant=getattr(a, "variant", "numeric"),
-        num_keys=getattr(a, "num_keys", 4), key_words=getattr(a, "key_words", 4),
+        num_keys=a.keys if a.task == "mkniah" else getattr(a, "num_keys", 4),
+        key_words=getattr(a, "key_words", 4),
         progress=progress, extra_settings={"haystack": hay_path, "patterns": named})
     if a.plot:
       metric = doc["plot_metric"]

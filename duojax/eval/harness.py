@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from duojax.config import ModelConfig
 from duojax.data.haystack import HaystackTokens, load_haystack
 from duojax.data.niah import NeedleTask
-from duojax.eval import grid, niah, passkey
+from duojax.eval import grid, mkniah, niah, passkey
 from duojax.eval.generation import GenSettings
 from duojax.eval.methods import BuiltMethod
 from duojax.pattern import HeadPattern
@@ -81,8 +81,11 @@ def run_retrieval(task: str, model: EvalModel, hay: HaystackTokens, methods: lis
                   samples: int = 1, seed: int = 0, offset: int = 0,
                   needle: NeedleTask | None = None, variant: str = "numeric",
                   num_keys: int = 4, key_words: int = 4, progress: bool = True,
-                  extra_settings: dict | None = None) -> dict:
-  """A niah or passkey grid under every method -> the results document (JSON-ready)."""
+                  extra_settings: dict | None = None, programs: dict | None = None) -> dict:
+  """A niah, mkniah or passkey grid under every method -> the results document
+  (JSON-ready). num_keys: passkeys per prompt (passkey multi) or needles per prompt
+  (mkniah). programs: a dict kept across calls so that tasks of the same shapes
+  share their compiled programs (generation.compile_programs)."""
   fmt = grid.prompt_format(model.tokenizer, chat)
   if lengths[0] <= fmt.overhead() + 16:
     raise ValueError(f"--lengths {lengths[0]} is too short: the prompt format alone takes "
@@ -96,6 +99,10 @@ def run_retrieval(task: str, model: EvalModel, hay: HaystackTokens, methods: lis
     cells = passkey.build_cells(hay, model.tokenizer, lengths, depths, fmt, variant, samples,
                                 seed, offset, num_keys, key_words)
     metric = "contains" if variant == "numeric" else "rouge1_recall"
+  elif task == "mkniah":
+    cells = mkniah.build_cells(hay, model.tokenizer, lengths, depths, fmt, samples, seed, offset,
+                               num_keys)
+    metric = "exact"
   else:
     raise ValueError(f"unknown task {task!r}")
   # No batch wider than one length's cells: filler rows would cost as much as real ones.
@@ -104,7 +111,8 @@ def run_retrieval(task: str, model: EvalModel, hay: HaystackTokens, methods: lis
   gen = GenSettings.for_lengths(max(lengths), model.config, **gen_kw)
   t0 = time.perf_counter()
   rows, seconds = grid.run_grid(model.params, model.config, model.tokenizer, cells, methods, gen,
-                                progress=progress)
+                                progress=progress, programs=programs)
+  compile_s = seconds.pop("compile", None)
   settings = {
       "task": task, "ckpt": model.name or str(model.ckpt), "model": model.config.name,
       "chat": chat, "lengths": lengths, "depths": [round(d, 4) for d in depths],
@@ -116,13 +124,17 @@ def run_retrieval(task: str, model: EvalModel, hay: HaystackTokens, methods: lis
   }
   if task == "niah":
     settings.update(needle=needle.needle, question=needle.question, answer=needle.answer)
+  elif task == "mkniah":
+    settings.update(num_keys=num_keys)
   else:
     settings.update(variant=variant, num_keys=num_keys, key_words=key_words)
   return {
       "task": task, "settings": settings, "methods": [bm.describe() for bm in methods],
       "plot_metric": metric,
-      "summary": {m: grid.summarize(rows, m) for m in ("contains", "rouge1_recall")},
-      "seconds": {"total": round(time.perf_counter() - t0, 2), "per_method": seconds},
+      "summary": {m: grid.summarize(rows, m) for m in ("contains", "rouge1_recall", "exact")
+                  if all(m in r["scores"] for r in rows)},
+      "seconds": {"total": round(time.perf_counter() - t0, 2), "compile": compile_s,
+                  "per_method": seconds},
       "cells": rows,
   }
 

@@ -42,7 +42,8 @@ import numpy as np
 
 from duojax.attention.reference import causal_mask, dense_attention, masked_attention
 from duojax.config import ModelConfig, round_up
-from duojax.model import llama
+from duojax.model import handle as model_handle
+from duojax.model.handle import ModelHandle
 
 ABLATIONS = ("zero", "uniform")
 
@@ -72,7 +73,7 @@ def _ablated_attention(retrieval: tuple[tuple[bool, ...], ...] | None, ablation:
   return attention
 
 
-def _mean_nll(params, hidden: jax.Array, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+def _mean_nll(model, hidden: jax.Array, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
   """Mean next-token NLL per row over positions 1..n-1: [B] float32.
 
   hidden [B, T, E]; one row's [T, V] logits at a time (a batch of them would
@@ -82,7 +83,7 @@ def _mean_nll(params, hidden: jax.Array, tokens: jax.Array, lengths: jax.Array) 
 
   def row(args):
     h, tk, n = args
-    logp = jax.nn.log_softmax(llama.logits_from_hidden(params, h[:-1]), axis=-1)  # [T-1, V]
+    logp = jax.nn.log_softmax(model.logits(h[:-1]), axis=-1)  # [T-1, V]
     nll = -jnp.take_along_axis(logp, tk[1:, None], axis=-1)[:, 0]
     keep = jnp.arange(1, t) < n
     return jnp.sum(jnp.where(keep, nll, 0.0)) / jnp.maximum(n - 1, 1)
@@ -95,12 +96,24 @@ def losses(params, config: ModelConfig, tokens: jax.Array, lengths: jax.Array,
            retrieval: tuple[tuple[bool, ...], ...], ablation: str = "zero"):
   """(loss [B], masked_loss [B]) for right-padded tokens [B, T], lengths [B].
 
-  retrieval: the HeadMask's [L][Hkv] tuple (static: one compile per pattern)."""
+  params: a full-attention ModelHandle (or the plain params dict); retrieval: the
+  HeadMask's [L][Hkv] tuple (static: one compile per pattern)."""
+  m = _full_model(params, config).module()
   out = []
   for r in (None, retrieval):
-    h = llama.forward_sequence(params, config, tokens, lengths, _ablated_attention(r, ablation))
-    out.append(_mean_nll(params, h, tokens, lengths))
+    h = m.forward_sequence(tokens, lengths, _ablated_attention(r, ablation))
+    out.append(_mean_nll(m, h, tokens, lengths))
   return tuple(out)
+
+
+def _full_model(params, config: ModelConfig) -> ModelHandle:
+  """The model in its own head order: the ablation masks heads by their HF index."""
+  if not isinstance(params, ModelHandle):
+    return model_handle.from_params(config, params)
+  if params.mask is not None:
+    raise InfluenceError("influence masks heads in the model's own order; load it with "
+                         "--attention full (no head mask)")
+  return params
 
 
 def score_documents(params, config: ModelConfig, docs: list[list[int]], retrieval,
@@ -110,6 +123,7 @@ def score_documents(params, config: ModelConfig, docs: list[list[int]], retrieva
   if ablation not in ABLATIONS:
     raise InfluenceError(f"--ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
   retrieval = tuple(tuple(bool(x) for x in row) for row in retrieval)
+  params = _full_model(params, config)  # once, not per batch
   results: list[dict] = [{"n_tokens": len(d), "loss": None, "masked_loss": None,
                           "influence": None} for d in docs]
   order = [i for i in sorted(range(len(docs)), key=lambda i: -len(docs[i])) if len(docs[i]) >= 2]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 
 import jax
@@ -52,12 +53,42 @@ def _nll_step(params, config, tokens, targets, cache, n_valid, backend):
   return nll, cache
 
 
+def compile_steps(params, config: ModelConfig, shape: tuple[int, int], jobs, chunk: int,
+                  backend: str = "xla", dtype=None) -> dict:
+  """`_nll_step` compiled ahead of time for each (mask, compensation) in `jobs`,
+  for windows of `shape` [B, T]: lowered one after another, XLA-compiled in a
+  thread pool (a method each; compiles dominate a perplexity run on a GPU).
+  Returns {(mask, compensation): executable} for `token_nll(compiled=...)`."""
+  from concurrent.futures import ThreadPoolExecutor
+  b, t = shape
+  chunk = min(chunk, round_up(t, 16))
+  padded = round_up(t, chunk)
+  dtype = dtype or params["embed"].dtype
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  tok = jax.ShapeDtypeStruct((b, chunk), jnp.int32)
+  lowered = {}
+  for mask, comp in jobs:
+    comp = bool(comp and mask is not None)
+    if (mask, comp) in lowered:
+      continue
+    cache = jax.eval_shape(lambda m=mask, c=comp: kvc.init_cache(config, b, padded, m, dtype, c))
+    lowered[(mask, comp)] = _nll_step.lower(abstract, config, tok, tok, cache,
+                                            jax.ShapeDtypeStruct((b,), jnp.int32), backend)
+  if not lowered:
+    return {}
+  with ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1)) as ex:  # no GIL in XLA
+    futures = {k: ex.submit(low.compile) for k, low in lowered.items()}
+    return {k: f.result() for k, f in futures.items()}
+
+
 def token_nll(params, config: ModelConfig, windows: np.ndarray, mask, chunk: int,
-              backend: str = "xla", dtype=None, compensation: bool = False) -> np.ndarray:
+              backend: str = "xla", dtype=None, compensation: bool = False,
+              compiled=None) -> np.ndarray:
   """windows int32 [B, T] -> nll [B, T - 1]: -log p(x[t+1] | x[:t+1]).
 
   params must be reordered for `mask`; compensation: streaming heads keep the
-  compensation token.
+  compensation token; compiled: this method's entry of `compile_steps` (None: the
+  jitted step).
   """
   b, t = windows.shape
   chunk = min(chunk, round_up(t, 16))
@@ -71,8 +102,11 @@ def token_nll(params, config: ModelConfig, windows: np.ndarray, mask, chunk: int
   out = []
   for c0 in range(0, padded, chunk):
     n_valid = jnp.full((b,), max(0, min(chunk, t - c0)), jnp.int32)
-    nll, cache = _nll_step(params, config, jnp.asarray(tokens[:, c0:c0 + chunk]),
-                           jnp.asarray(targets[:, c0:c0 + chunk]), cache, n_valid, backend)
+    tk, tg = jnp.asarray(tokens[:, c0:c0 + chunk]), jnp.asarray(targets[:, c0:c0 + chunk])
+    if compiled is None:
+      nll, cache = _nll_step(params, config, tk, tg, cache, n_valid, backend)
+    else:
+      nll, cache = compiled(params, tk, tg, cache, n_valid)
     out.append(np.asarray(nll))
   return np.concatenate(out, axis=1)[:, :t - 1]
 
@@ -97,11 +131,17 @@ def evaluate(params, config: ModelConfig, hay: HaystackTokens, methods: list[Bui
   windows = np.stack([hay.take(length, o) for o in offs])
   spans = bands(length, band_edges or [])
   rows, seconds = {}, {}
+  t0 = time.perf_counter()
+  compiled = compile_steps(params, config, windows.shape,
+                           [(bm.mask, bm.method.compensation) for bm in methods], chunk, backend,
+                           dtype)
+  seconds["compile"] = round(time.perf_counter() - t0, 2)
   for bm in tqdm(methods, desc="ppl", unit="method", disable=not progress):
     t0 = time.perf_counter()
     p = params if bm.mask is None else llama.apply_head_mask(params, bm.mask)
-    nll = token_nll(p, config, windows, bm.mask, chunk, backend, dtype,
-                    bm.method.compensation).astype(np.float64)
+    comp = bool(bm.method.compensation and bm.mask is not None)
+    nll = token_nll(p, config, windows, bm.mask, chunk, backend, dtype, bm.method.compensation,
+                    compiled[(bm.mask, comp)]).astype(np.float64)
     del p
     seconds[bm.method.name] = round(time.perf_counter() - t0, 2)
     rows[bm.method.name] = {

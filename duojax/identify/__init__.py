@@ -1,1 +1,1 @@
-"""Head identification: gate training (duo), training-free scores, and imports of other methods' files."""
+"""Head identification: gate training (duo), training-free scores, other methods' pattern files."""

@@ -46,7 +46,15 @@ def duo_parser() -> argparse.ArgumentParser:
   ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
   ap.add_argument("--mesh", default=None, help="data=N: data-parallel devices (default: all)")
   ap.add_argument("--distributed", action="store_true",
-                  help="call jax.distributed.initialize() first (multi-host)")
+                  help="multi-host: join the other processes with jax.distributed.initialize "
+                       "first (a no-op when there is one process)")
+  ap.add_argument("--coordinator", default=None,
+                  help="with --distributed: host:port of process 0 (default: "
+                       "$JAX_COORDINATOR_ADDRESS, else what JAX detects on SLURM / MPI / TPU)")
+  ap.add_argument("--num-processes", type=int, default=None,
+                  help="with --distributed: processes in the job (default: $JAX_NUM_PROCESSES)")
+  ap.add_argument("--process-id", type=int, default=None,
+                  help="with --distributed: this process's rank (default: $JAX_PROCESS_ID)")
   ap.add_argument("--backend", default="auto",
                   help="attention backend for training: auto (tpu on a TPU: splash kernels with "
                        "their backward; elsewhere the XLA reference), xla, tpu")
@@ -55,6 +63,49 @@ def duo_parser() -> argparse.ArgumentParser:
   ap.add_argument("--set-default", action="store_true",
                   help="also install the pattern as the checkpoint's default pattern")
   return ap
+
+
+DISTRIBUTED_FLAGS = ("distributed", "coordinator", "num_processes", "process_id")
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> int:
+  """Joins a multi-host job; returns the number of processes (1: nothing was done).
+
+  Unset values come from $JAX_COORDINATOR_ADDRESS (which JAX itself reads), and
+  $JAX_NUM_PROCESSES / $JAX_PROCESS_ID (read here: JAX takes them only as arguments);
+  what is still unset JAX detects on a cluster (SLURM, Open MPI, Cloud TPU). One process,
+  or no coordinator and no cluster to detect, is a single-host run: a no-op, so the same
+  command runs on a laptop and on every host of a pod.
+  """
+  import jax
+  env = os.environ
+  coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS") or None
+  try:
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+      num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+      process_id = int(env["JAX_PROCESS_ID"])
+  except ValueError as e:
+    raise ValueError(f"$JAX_NUM_PROCESSES / $JAX_PROCESS_ID must be integers ({e})") from None
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"--num-processes must be >= 1, got {num_processes}")
+  if num_processes == 1:
+    return 1
+  if num_processes is not None and (process_id is None or coordinator is None):
+    missing = [n for n, v in (("--process-id", process_id), ("--coordinator", coordinator))
+               if v is None]
+    raise ValueError(f"--num-processes {num_processes} also needs {' and '.join(missing)} "
+                     "(or $JAX_PROCESS_ID / $JAX_COORDINATOR_ADDRESS) on every host")
+  try:
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+  except ValueError as e:
+    if coordinator is None and num_processes is None:  # nothing to join: one host
+      print(f"--distributed: no coordinator and no cluster found ({e}); running on this host "
+            "alone", file=sys.stderr)
+      return 1
+    raise
+  return jax.process_count()
 
 
 def _settings(a) -> tuple[dict, dict]:
@@ -68,7 +119,7 @@ def _settings(a) -> tuple[dict, dict]:
     d = yaml.safe_load(p.read_text()) or {}
   job = {k: d.pop(k, None) for k in ("ckpt", "haystack", "out", "mesh", "sparsity")}
   for k, v in vars(a).items():
-    if v is None or k in ("config", "resume", "distributed", "backend", "set_default"):
+    if v is None or k in ("config", "resume", "backend", "set_default") + DISTRIBUTED_FLAGS:
       continue
     if k in job:
       job[k] = v
@@ -148,8 +199,7 @@ def run_duo(argv) -> int:
       raise ValueError("--haystack and --out are required (or set them in --config)")
     _check_job(job["haystack"], job["out"], job["sparsity"])
     if a.distributed:
-      import jax
-      jax.distributed.initialize()
+      init_distributed(a.coordinator, a.num_processes, a.process_id)
     data = None
     if job["mesh"]:
       key, _, val = str(job["mesh"]).partition("=")
@@ -174,7 +224,8 @@ def run_duo(argv) -> int:
             f"are in {out / 'checkpoints'} (every --save-every steps): continue with --resume",
             file=sys.stderr)
       return 130
-    gates = np.asarray(state.gates)
+    # replicated on every device: one local copy is the whole array, also multi-host
+    gates = np.asarray(state.gates.addressable_data(0))
     sparsity = job["sparsity"] if job["sparsity"] is not None else default_sparsity(config)
     meta = {"model": config.name, "method": "duo", "data": str(job["haystack"]), "seed": cfg.seed,
             "steps": cfg.steps, "train_settings": dataclasses.asdict(cfg),
@@ -183,6 +234,9 @@ def run_duo(argv) -> int:
     if last:
       meta["final"] = last
     pat = HeadPattern(gates, cfg.sink, cfg.recent, meta, clip=True)
+    import jax
+    if jax.process_index() != 0:  # multi-host: the hosts hold the same gates; one writes
+      return 0
     pat.save(out / "pattern", overwrite=True)
     duo.plot_gates(gates, out / "gates.png", f"{config.name}: DuoAttention gates")
     if a.set_default:

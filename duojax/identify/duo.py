@@ -16,6 +16,12 @@ default. The clamp to [0, 1] passes the gradient straight through on [0, 1]
 (`clamp01`, as torch's clamp) and the regulariser's derivative is sign(alpha),
 0 at 0 (`l1_mean`, as torch's abs).
 
+The model is the NNX `Llama` with stacked layers and a `Gate` variable per layer
+(`Llama(config, params, gates=...)`): `train_gates` splits it once into the Gate
+state, which it differentiates, optimises with optax and checkpoints, and the
+frozen rest; the step merges them inside its trace and scans the layers (the
+stacked Block merged per step, remat on).
+
 Data parallel over a `data` mesh axis: the batch is split over it and every
 frozen weight is sharded FSDP-style over it too (gates replicated), so the same
 code runs on 1 device, N CPU devices, several GPUs or a TPU slice.
@@ -36,12 +42,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from duojax.attention import dispatch
-from duojax.attention.reference import dense_attention, gated_attention
-from duojax.config import ModelConfig, round_up
+from duojax.attention.training import dense_attention, gated_attention  # blocked when T is large
+from duojax.config import TRAIN, ModelConfig, round_up
 from duojax.model import llama
+from duojax.model.modules import Gate, Llama
 
 
 class TrainError(ValueError):
@@ -57,8 +65,8 @@ class GateTrainConfig:
   len_intervals: int = 50
   num_passkeys: int = 10
   passkey_words: int = 32
-  sink: int = 128
-  recent: int = 256
+  sink: int = TRAIN.sink
+  recent: int = TRAIN.recent
   lr: float = 0.02
   reg: float = 0.05
   init_gate: float = 1.0
@@ -150,26 +158,6 @@ def l1_mean(x: jax.Array) -> jax.Array:
   return jnp.mean(x * jax.lax.stop_gradient(jnp.sign(x)))
 
 
-def _layers(params):
-  """(stacked, per-layer params or None, count) for scan / loop over layers."""
-  if isinstance(params["layers"], dict):
-    return True, params["layers"], jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
-  return False, params["layers"], len(params["layers"])
-
-
-def _run_layers(params, fn, x, xs, remat: bool):
-  """x' = fn(x, lp, i, xs_i) over the layers (lax.scan when stacked); returns (x, ys)."""
-  stacked, layers, n = _layers(params)
-  if stacked:
-    body = jax.checkpoint(fn) if remat else fn
-    return jax.lax.scan(lambda c, li: body(c, *li), x, (layers, jnp.arange(n), xs))
-  ys = []
-  for i, lp in enumerate(layers):
-    x, y = fn(x, lp, i, None if xs is None else jax.tree_util.tree_map(lambda a: a[i], xs))
-    ys.append(y)
-  return x, (None if ys[0] is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys))
-
-
 def student_teacher_hidden(gates: jax.Array, params, config: ModelConfig, tokens: jax.Array,
                            lengths: jax.Array, sink: int, recent: int,
                            student: str = "deployed", remat: bool = True,
@@ -177,21 +165,31 @@ def student_teacher_hidden(gates: jax.Array, params, config: ModelConfig, tokens
   """Final hidden states (after the last RMSNorm) of teacher and student.
 
   gates [L, Hkv] (already clamped: the caller decides the clamp's gradient);
-  tokens [B, T]; lengths [B]. Returns (teacher [B, T, E] with no gradient,
-  student [B, T, E]). The student's layer output before o_proj is, per KV head
-  and its G query heads, `a * full + (1 - a) * streaming`, with `full` as
-  `student` says (see STUDENTS).
+  params: the plain dict (per-layer list or `llama.stack_layers`); tokens [B, T];
+  lengths [B]. Returns (teacher [B, T, E] with no gradient, student [B, T, E]).
+  The student's layer output before o_proj is, per KV head and its G query heads,
+  `a * full + (1 - a) * streaming`, with `full` as `student` says (see STUDENTS).
   """
+  model = Llama(config, params, gates=gates)
+  return two_way_hidden(model, tokens, lengths, sink, recent, student, remat, backend,
+                        clamp=lambda a: a)
+
+
+def two_way_hidden(model: Llama, tokens: jax.Array, lengths: jax.Array, sink: int, recent: int,
+                   student: str = "deployed", remat: bool = True, backend: str = "xla",
+                   clamp: Callable = None) -> tuple[jax.Array, jax.Array]:
+  """`student_teacher_hidden` on an NNX model built with `Gate`s: each layer's gate
+  [Hkv] is read from its `Gate` and passed through `clamp` (default `clamp01`)."""
   if student not in STUDENTS:
     raise TrainError(f"--student must be one of {sorted(STUDENTS)}, got {student!r}")
+  clamp = clamp01 if clamp is None else clamp
   # A kernel backend's whole-sequence ops (TPU splash) when it has them; the XLA
   # reference computes the logits once for both masks (gated_attention) instead.
-  ops = {} if backend == "xla" else dispatch._load(backend)
+  ops = {} if backend == "xla" else dispatch.backend_ops(backend)
   fc, fs = ops.get("dense_causal"), ops.get("dense_streaming")
-  eps = config.rms_norm_eps
   t = tokens.shape[1]
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
-  emb = llama.embed(params, tokens)
+  emb = model.embed(tokens)
 
   def full(q, k, v):
     return fc(q, k, v, lengths) if fc else dense_attention(q, k, v, lengths)
@@ -199,42 +197,38 @@ def student_teacher_hidden(gates: jax.Array, params, config: ModelConfig, tokens
   def stream(q, k, v):
     if fs:
       return fs(q, k, v, lengths, sink, recent)
-    return dense_attention(q, k, v, lengths, jnp.ones((q.shape[2],), bool), sink, recent)
+    return dense_attention(q, k, v, lengths, np.ones((q.shape[2],), bool), sink, recent)
 
   def mix(a, f, s):  # a [Hkv]; f, s [B, T, Hkv, G, D]
     ct = jnp.promote_types(f.dtype, jnp.float32)
     a = a.astype(ct)[None, None, :, None, None]
     return (a * f.astype(ct) + (1 - a) * s.astype(ct)).astype(f.dtype)
 
-  def block(x, lp, o):  # residual + o_proj + MLP
-    x = x + jnp.einsum("bthgd,hgde->bte", o, lp["wo"])
-    return x + llama.mlp(lp, x, config)
-
-  def teacher_layer(x, lp, i, _):
-    q, k, v = llama.qkv(lp, llama.rms_norm(x, lp["attn_norm"], eps), config, pos)
+  def teacher_layer(blk, x, i, _):
+    q, k, v = blk.attn.qkv(blk.norm_attn(x), pos)
     o = full(q, k, v)
-    return block(x, lp, o), (o if student == "official" else None)
+    return blk.finish(x, o), (o if student == "official" else None)
 
   # The teacher never depends on the gates; computing it first (no remat, no
   # backward) keeps its per-layer attention outputs for the official student.
-  xt, t_out = _run_layers(params, teacher_layer, emb, None, remat=False)
-  teacher = jax.lax.stop_gradient(llama.rms_norm(xt, params["final_norm"], eps))
+  xt, t_out = model.run_layers(teacher_layer, emb, None, remat=False)
+  teacher = jax.lax.stop_gradient(model.final(xt))
   t_out = jax.lax.stop_gradient(t_out)  # [L, B, T, Hkv, G, D]
 
-  def student_layer(x, lp, i, o_teacher):
-    q, k, v = llama.qkv(lp, llama.rms_norm(x, lp["attn_norm"], eps), config, pos)
-    a = gates[i]
+  def student_layer(blk, x, i, o_teacher):
+    q, k, v = blk.attn.qkv(blk.norm_attn(x), pos)
+    a = clamp(blk.attn.gate[...])
     if student == "official":
       o = mix(a, o_teacher, stream(q, k, v))
     elif fc and fs:  # kernel backends: two masked passes, mixed here
       o = mix(a, full(q, k, v), stream(q, k, v))
     else:
       o = gated_attention(q, k, v, a, lengths, sink, recent)
-    return block(x, lp, o), None
+    return blk.finish(x, o), None
 
-  xs, _ = _run_layers(params, student_layer, emb, t_out if student == "official" else None,
-                      remat=remat)
-  return teacher, llama.rms_norm(xs, params["final_norm"], eps)
+  xs, _ = model.run_layers(student_layer, emb, t_out if student == "official" else None,
+                           remat=remat)
+  return teacher, model.final(xs)
 
 
 def gate_loss(gates: jax.Array, params, config: ModelConfig, tokens: jax.Array,
@@ -251,8 +245,20 @@ def gate_loss(gates: jax.Array, params, config: ModelConfig, tokens: jax.Array,
     total   = distill + reg_weight * reg
   Returns (total, {"distill", "reg", "total"}).
   """
-  teacher, stud = student_teacher_hidden(clamp01(gates), params, config, tokens, lengths,
-                                         sink, recent, student, remat, backend)
+  return model_gate_loss(Llama(config, params, gates=gates), tokens, lengths, loss_mask,
+                         sink=sink, recent=recent, reg=reg, student=student, remat=remat,
+                         backend=backend)
+
+
+def model_gate_loss(model: Llama, tokens: jax.Array, lengths: jax.Array, loss_mask: jax.Array,
+                    *, sink: int, recent: int, reg: float, student: str = "deployed",
+                    remat: bool = True, backend: str = "xla"):
+  """`gate_loss` on an NNX model built with `Gate`s (raw values, clamped here): what
+  training differentiates with respect to `nnx.state(model, Gate)`."""
+  gates = model.gate_values()
+  if gates is None:
+    raise TrainError("the model has no gates; build it with Llama(config, params, gates=...)")
+  teacher, stud = two_way_hidden(model, tokens, lengths, sink, recent, student, remat, backend)
   ct = jnp.promote_types(stud.dtype, jnp.float32)
   sq = jnp.mean(jnp.square(stud.astype(ct) - teacher.astype(ct)), axis=-1)  # [B, T]
   m = loss_mask.astype(ct)
@@ -262,20 +268,31 @@ def gate_loss(gates: jax.Array, params, config: ModelConfig, tokens: jax.Array,
   return total, {"distill": d, "reg": r, "total": total}
 
 
+def gate_state(gates: jax.Array) -> dict:
+  """[L, Hkv] -> `nnx.state(model, Gate)` of the stacked training model, as a plain dict
+  (train_gates checks that the model's tree is this one)."""
+  return {"layers": {"attn": {"gate": gates}}}
+
+
 @dataclasses.dataclass
 class TrainState:
-  gates: jax.Array  # [L, Hkv] fp32
-  opt_state: object
+  gate_state: dict  # nnx.state(model, Gate) as a plain dict (`gate_state`): [L, Hkv] fp32
+  opt_state: object  # optax state of gate_state
   step: int
+
+  @property
+  def gates(self) -> jax.Array:
+    """[L, Hkv]."""
+    return self.gate_state["layers"]["attn"]["gate"]
 
 
 def _state_tree(s: TrainState) -> dict:
-  return {"gates": s.gates, "opt_state": s.opt_state, "step": jnp.asarray(s.step, jnp.int32)}
+  return {"gates": s.gate_state, "opt_state": s.opt_state, "step": jnp.asarray(s.step, jnp.int32)}
 
 
 def init_state(config: ModelConfig, cfg: GateTrainConfig, opt) -> TrainState:
-  gates = jnp.full((config.num_layers, config.num_kv_heads), cfg.init_gate, jnp.float32)
-  return TrainState(gates, opt.init(gates), 0)
+  gs = gate_state(jnp.full((config.num_layers, config.num_kv_heads), cfg.init_gate, jnp.float32))
+  return TrainState(gs, opt.init(gs), 0)
 
 
 # -- sharding ----------------------------------------------------------------------
@@ -304,14 +321,40 @@ def fsdp_spec(shape, n: int, first: int = 0) -> P:
   return P(*spec)
 
 
+def global_put(tree, sharding):
+  """`jax.device_put` that also works on a mesh spanning several processes (multi-host).
+
+  device_put refuses shardings with devices of other processes; there every process holds
+  the whole host value (the weights it loaded, the batch it drew with the shared seed), so
+  each builds its own shards of the global array from it.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def one(x, sh):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+
+  if isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(lambda x: one(x, sharding), tree)
+  return jax.tree_util.tree_map(one, tree, sharding)
+
+
 def shard_params(params, mesh: Mesh):
   n = mesh.shape["data"]
-  put = lambda first: lambda x: jax.device_put(x, NamedSharding(mesh, fsdp_spec(x.shape, n, first)))
+  put = lambda first: lambda x: global_put(x, NamedSharding(mesh, fsdp_spec(x.shape, n, first)))
   # stacked layers are scanned over axis 0: never shard that one
   layers = jax.tree_util.tree_map(put(1 if isinstance(params["layers"], dict) else 0),
                                   params["layers"])
   rest = {k: jax.tree_util.tree_map(put(0), v) for k, v in params.items() if k != "layers"}
   return {**rest, "layers": layers}
+
+
+def shard_state(state: dict, mesh: Mesh) -> dict:
+  """`shard_params` for a stacked model's plain state dict (layers scanned over axis 0)."""
+  n = mesh.shape["data"]
+  put = lambda first: lambda x: global_put(x, NamedSharding(mesh, fsdp_spec(x.shape, n, first)))
+  return {k: jax.tree_util.tree_map(put(1 if k == "layers" else 0), v) for k, v in state.items()}
 
 
 # -- data ---------------------------------------------------------------------------
@@ -338,9 +381,12 @@ def make_batch(hay, tokenizer, data_cfg, cfg: GateTrainConfig, step: int):
 
 def _manager(directory: Path, cfg: GateTrainConfig):
   import orbax.checkpoint as ocp
+  # The handler named up front (not inferred from the first save) lets a fresh manager read
+  # a step's metadata, which restore_state checks against its target.
   return ocp.CheckpointManager(
       directory.absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=1))
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=1),
+      item_handlers=ocp.StandardCheckpointHandler())
 
 
 def restore_state(directory: Path, template: TrainState, mesh: Mesh) -> TrainState:
@@ -354,7 +400,20 @@ def restore_state(directory: Path, template: TrainState, mesh: Mesh) -> TrainSta
       lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=repl),
       _state_tree(template))
   try:
+    # orbax fills a target of another shape without complaint: a resume with another model
+    # must fail here, not train on.
+    stored = mgr.item_metadata(step)
+    stored = getattr(stored, "tree", stored)
+    if stored is not None:
+      have = [tuple(m.shape) for m in jax.tree_util.tree_leaves(stored) if hasattr(m, "shape")]
+      want = [tuple(a.shape) for a in jax.tree_util.tree_leaves(abstract)]
+      if have != want:
+        raise TrainError(f"--resume: the checkpoint in {directory} holds state of shapes "
+                         f"{have[:2]}..., this model and settings need {want[:2]}...; resume with "
+                         "the same model and settings, or use a new --out")
     tree = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+  except TrainError:
+    raise
   except Exception as e:
     raise TrainError(f"--resume: the checkpoint at step {step} in {directory} cannot be read "
                      f"({type(e).__name__}); delete {directory / str(step)} to fall back to an "
@@ -393,10 +452,17 @@ def train_gates(params, config: ModelConfig, tokenizer, hay, cfg: GateTrainConfi
       num_passkeys=cfg.num_passkeys, passkey_words=cfg.passkey_words, min_len=cfg.min_len,
       max_len=cfg.max_len, len_intervals=cfg.len_intervals, seed=cfg.seed)
   dtype = jnp.dtype(cfg.dtype)
-  params = llama.stack_layers(jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params))
-  params = shard_params(params, mesh)
   opt = make_optimizer(cfg)
   state = init_state(config, cfg, opt)
+  # The frozen model with stacked layers (one scanned Block) and Gate variables: split
+  # once; the step differentiates the Gate state and merges both inside its trace.
+  params = llama.stack_layers(jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params))
+  graphdef, gate_vars, frozen = nnx.split(Llama(config, params, gates=state.gates), Gate, ...)
+  del params
+  if jax.tree_util.tree_structure(nnx.to_pure_dict(gate_vars)) != jax.tree_util.tree_structure(
+      state.gate_state):
+    raise TrainError("the model's Gate state does not have the layout of duo.gate_state")
+  frozen = shard_state(nnx.to_pure_dict(frozen), mesh)
   ckpt_dir = out / "checkpoints"
   if resume:
     state = restore_state(ckpt_dir, state, mesh)
@@ -407,19 +473,23 @@ def train_gates(params, config: ModelConfig, tokenizer, hay, cfg: GateTrainConfi
   batch_sh = NamedSharding(mesh, P("data"))
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step_fn(gates, opt_state, params, tokens, lengths, loss_mask):
-    (loss, aux), g = jax.value_and_grad(gate_loss, has_aux=True)(
-        gates, params, config, tokens, lengths, loss_mask, sink=cfg.sink, recent=cfg.recent,
-        reg=cfg.reg, student=cfg.student, remat=cfg.remat, backend=backend)
+  def step_fn(gates, opt_state, frozen, tokens, lengths, loss_mask):
+    def loss_fn(gs):
+      return model_gate_loss(nnx.merge(graphdef, gs, frozen), tokens, lengths, loss_mask,
+                             sink=cfg.sink, recent=cfg.recent, reg=cfg.reg, student=cfg.student,
+                             remat=cfg.remat, backend=backend)
+    (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(gates)
     aux = {"distill": aux["distill"], "reg": aux["reg"]}
     updates, opt_state = opt.update(g, opt_state, gates)
-    gates = jnp.clip(optax.apply_updates(gates, updates), 0.0, 1.0)
+    gates = jax.tree_util.tree_map(lambda x: jnp.clip(x, 0.0, 1.0),
+                                   optax.apply_updates(gates, updates))
     return gates, opt_state, {"loss": loss, **aux}
 
-  gates = jax.device_put(state.gates, repl)
-  opt_state = jax.device_put(state.opt_state, repl)
+  gates = global_put(state.gate_state, repl)
+  opt_state = global_put(state.opt_state, repl)
   mgr = _manager(ckpt_dir, cfg)
-  log_f = open(out / "log.jsonl", "a")
+  # one writer: every process of a multi-host run computes the same record
+  log_f = open(out / "log.jsonl", "a") if jax.process_index() == 0 else None
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
   bar = None
   if progress:
@@ -430,14 +500,15 @@ def train_gates(params, config: ModelConfig, tokenizer, hay, cfg: GateTrainConfi
   try:
     while step < end:
       tokens, lengths, loss_mask = make_batch(hay, tokenizer, data_cfg, cfg, step)
-      tokens, lengths, loss_mask = (jax.device_put(x, batch_sh) for x in (tokens, lengths, loss_mask))
-      gates, opt_state, m = step_fn(gates, opt_state, params, tokens, lengths, loss_mask)
+      tokens, lengths, loss_mask = (global_put(x, batch_sh) for x in (tokens, lengths, loss_mask))
+      gates, opt_state, m = step_fn(gates, opt_state, frozen, tokens, lengths, loss_mask)
       step += 1
       rec = {"step": step, **{k: float(v) for k, v in m.items()},
              "lr": float(lr_schedule(cfg)(step - 1)), "tokens": int(tokens.shape[1]),
              "seconds": round(time.perf_counter() - t0, 3)}
-      log_f.write(json.dumps(rec) + "\n")
-      log_f.flush()
+      if log_f:
+        log_f.write(json.dumps(rec) + "\n")
+        log_f.flush()
       if log:
         log(rec)
       if bar:
@@ -446,12 +517,15 @@ def train_gates(params, config: ModelConfig, tokenizer, hay, cfg: GateTrainConfi
         bar.update(1)
       if step % cfg.save_every == 0 or step == cfg.steps:
         import orbax.checkpoint as ocp
-        mgr.save(step, args=ocp.args.StandardSave(
-            _state_tree(TrainState(gates, opt_state, step))))
+        tree = _state_tree(TrainState(gates, opt_state, step))
+        # a global array, as the gates are: a multi-host save refuses process-local ones
+        tree["step"] = global_put(np.asarray(step, np.int32), repl)
+        mgr.save(step, args=ocp.args.StandardSave(tree))
   finally:
     mgr.wait_until_finished()
     mgr.close()
-    log_f.close()
+    if log_f:
+      log_f.close()
     if bar:
       bar.close()
   return TrainState(gates, opt_state, step)

@@ -46,12 +46,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duojax.config import ModelConfig, round_up
-from duojax.model import llama
+from duojax.config import DEPLOY, ModelConfig, round_up
+from duojax.model import handle as model_handle
+from duojax.model.handle import ModelHandle
 from duojax.pattern import HeadPattern
 
-DEFAULTS = dict(block=2500, repeats=4, induction_top=0.14, echo_top=0.01, seed=0, sink=64,
-                recent=256, chunk=512)
+DEFAULTS = dict(block=2500, repeats=4, induction_top=0.14, echo_top=0.01, seed=0,
+                sink=DEPLOY.sink, recent=DEPLOY.recent, chunk=512)
 
 
 def default_block(config: ModelConfig, repeats: int = DEFAULTS["repeats"], exclude=()) -> int:
@@ -170,12 +171,13 @@ def _layer_scores(params, config: ModelConfig, tokens: jax.Array, lengths: jax.A
     sums.append((e, f, n))  # traced values, returned below from the same trace
     return out
 
-  llama.forward_sequence(params, config, tokens, lengths, attention)
+  params.module().forward_sequence(tokens, lengths, attention)
   return (jnp.stack([s[0] for s in sums]), jnp.stack([s[1] for s in sums]), sums[0][2])
 
 
 def razor_scores(params, config: ModelConfig, tokens: np.ndarray, chunk: int = 512):
-  """Echo and induction score per query head over one sequence.
+  """Echo and induction score per query head over one sequence (params: the plain dict,
+  per-layer or stacked, or a full-attention ModelHandle).
 
   tokens [T] (or [B, T] of one length). Returns (echo [L, Hq], induction [L, Hq]
   float64, n_scored queries); query head h of the model is KV head h // G, slot h % G.
@@ -186,10 +188,16 @@ def razor_scores(params, config: ModelConfig, tokens: np.ndarray, chunk: int = 5
   padded = round_up(t, chunk)
   tk = np.zeros((b, padded), np.int32)
   tk[:, :t] = tokens
-  layers = params["layers"]
-  if isinstance(layers, dict):  # stacked layers: a list keeps `layer` a Python int
-    layers = [jax.tree_util.tree_map(lambda x, i=i: x[i], layers) for i in range(config.num_layers)]
-  params = {**params, "layers": list(layers)}
+  if isinstance(params, ModelHandle):
+    if params.mask is not None:  # its heads are reordered: scores would land on other heads
+      raise RazorError("razor scores the model in its own head order; load it with "
+                       "--attention full (no head mask)")
+  else:
+    layers = params["layers"]
+    if isinstance(layers, dict):  # stacked layers: a list keeps `layer` a Python int
+      layers = [jax.tree_util.tree_map(lambda x, i=i: x[i], layers)
+                for i in range(config.num_layers)]
+    params = model_handle.from_params(config, {**params, "layers": list(layers)})
   e, f, n = _layer_scores(params, config, jnp.asarray(tk), jnp.full((b,), t, jnp.int32), chunk)
   n = int(n)
   if n == 0:
@@ -241,7 +249,8 @@ def sample_block(config: ModelConfig, block: int, seed: int, exclude=()) -> np.n
 
 def razor_pattern(params, config: ModelConfig, *, block: int | None = None, repeats: int = 4,
                   induction_top: float = 0.14, echo_top: float = 0.01, seed: int = 0,
-                  sink: int = 64, recent: int = 256, exclude_ids=(), chunk: int = 512,
+                  sink: int = DEPLOY.sink, recent: int = DEPLOY.recent, exclude_ids=(),
+                  chunk: int = 512,
                   model_name: str | None = None) -> HeadPattern:
   """RazorAttention head pattern from one forward pass (see the module doc).
 

@@ -20,13 +20,13 @@ retrieval iff score > 0.1 (strictly), or the top heads at a --sparsity.
 
 How the attention is captured: the prompt minus its last token is prefilled by
 the engine's chunked prefill into a full cache; then `_step` below runs one
-token through the decoder on that cache exactly like `llama.forward_chunk` and
+token through the decoder's modules on that cache exactly like `Llama.__call__` and
 also returns each query head's argmax key position. One forward per generated
 token, as in ordinary decoding, so long contexts cost what generation costs.
 
 Writes into --out: the pattern (our format + the reference TSV),
 `retrieval_scores.json` in Wu et al.'s format (`{"layer-head": [score per
-counted test]}`, query heads; `duojax.identify.imports` reads it back) and
+counted test]}`, query heads; `duojax.identify.formats` reads it back) and
 `tests.json` (per test: length, depth, output, recall, whether it counted).
 """
 
@@ -45,9 +45,10 @@ import numpy as np
 
 from duojax import cache as kvc
 from duojax.attention.reference import full_chunk_attention
-from duojax.config import ModelConfig, round_up
+from duojax.config import DEPLOY, ModelConfig, round_up
 from duojax.engine import pad_batch, prefill
-from duojax.model import llama
+from duojax.model import handle as model_handle
+from duojax.model.handle import ModelHandle
 
 
 class ScoreError(ValueError):
@@ -69,31 +70,37 @@ class NeedleResult:
 # -- decoding with top-1 capture -----------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def _step(params, config: ModelConfig, tok: jax.Array, cache: kvc.KVCache):
+def _step(model: ModelHandle, config: ModelConfig, tok: jax.Array, cache: kvc.KVCache):
   """One token per row through the decoder on a full cache.
 
   tok [B] int32 at position cache.lengths. Returns (logits [B, V] fp32,
   top1 [B, L, Hkv, G] int32 key position each query head attends most, cache).
   """
+  m = model.module()
   start = cache.lengths
   pos = start[:, None]
   one = jnp.ones_like(start)
-  x = llama.embed(params, tok[:, None])
+  x = m.embed(tok[:, None])
   layers, tops = [], []
-  for lp, lc in zip(params["layers"], cache.layers):
-    h = llama.rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-    q, k, v = llama.qkv(lp, h, config, pos)
+  for blk, lc in zip(m.layers, cache.layers):
+    q, k, v = blk.attn.qkv(blk.norm_attn(x), pos)
     lc = kvc.write_full(lc, k, v, start, one)
     s = jnp.einsum("bhgd,bshd->bhgs", q[:, 0], lc.k, preferred_element_type=jnp.float32)
     seen = jnp.arange(lc.k.shape[1])[None, :] <= start[:, None]  # [B, S]
     tops.append(jnp.argmax(jnp.where(seen[:, None, None], s, -jnp.inf), axis=-1))
-    o = full_chunk_attention(q, lc.k, lc.v, pos, start + 1)
-    x = x + jnp.einsum("bthgd,hgde->bte", o, lp["wo"])
-    x = x + llama.mlp(lp, x, config)
+    x = blk.finish(x, full_chunk_attention(q, lc.k, lc.v, pos, start + 1))
     layers.append(lc)
-  hidden = llama.rms_norm(x, params["final_norm"], config.rms_norm_eps)
-  logits = llama.logits_from_hidden(params, hidden[:, 0])
+  logits = m.logits(m.final(x)[:, 0])
   return logits, jnp.stack(tops, 1).astype(jnp.int32), kvc.KVCache(tuple(layers), start + 1)
+
+
+def _full_model(params, config: ModelConfig) -> ModelHandle:
+  if not isinstance(params, ModelHandle):
+    return model_handle.from_params(config, params)
+  if params.mask is not None:
+    raise ScoreError("retrieval scoring reads full attention; load the model with "
+                     "--attention full (no head mask)")
+  return params
 
 
 def decode_with_top1(params, config: ModelConfig, prompts: list[np.ndarray], max_new: int,
@@ -109,9 +116,10 @@ def decode_with_top1(params, config: ModelConfig, prompts: list[np.ndarray], max
     raise ScoreError("every prompt needs at least two tokens")
   chunk = min(prefill_chunk, round_up(max(len(h) for h in heads), 16))
   tokens, lengths = pad_batch([list(h) for h in heads], chunk)
+  params = _full_model(params, config)
   b = len(prompts)
   capacity = round_up(int(max(len(p) for p in prompts)) + max_new, 16)
-  cache = kvc.init_cache(config, b, capacity, None, dtype or params["embed"].dtype)
+  cache = kvc.init_cache(config, b, capacity, None, dtype or params.dtype)
   _, cache, _ = prefill(params, config, tokens, lengths, cache, chunk)
   tok = jnp.asarray([int(p[-1]) for p in prompts], jnp.int32)
   eos = np.asarray(config.eos_token_ids or [-2])
@@ -219,7 +227,8 @@ def identify(params, config: ModelConfig, tokenizer, hay, out, *, tasks=None,
              lengths=(1000, 2000, 4000), depths: int = 5, chat: bool = True, offset: int = 0,
              max_new_tokens: int = 32, min_recall: float = 0.5, threshold: float | None = None,
              sparsity: float | None = None, batch: int = 8, prefill_chunk: int = 1024,
-             sink: int = 64, recent: int = 256, progress: bool = True, haystack_name=None):
+             sink: int = DEPLOY.sink, recent: int = DEPLOY.recent, progress: bool = True,
+             haystack_name=None):
   """Run the NIAH tests and build the pattern -> (HeadPattern, [NeedleResult]).
 
   tasks: NeedleTasks to hide (default the one of `NeedleTask()`); each runs
@@ -228,7 +237,7 @@ def identify(params, config: ModelConfig, tokenizer, hay, out, *, tasks=None,
   no test was answered right, since the scores are then undefined.
   """
   from duojax.data.niah import NeedleTask, depth_grid
-  from duojax.identify.imports import retrieval_score_pattern
+  from duojax.identify.formats import retrieval_score_pattern
   tasks = list(tasks or [NeedleTask()])
   lengths = sorted({int(n) for n in lengths})
   if depths < 1 or max_new_tokens < 1 or batch < 1 or min(lengths) < 16:
@@ -240,6 +249,7 @@ def identify(params, config: ModelConfig, tokenizer, hay, out, *, tasks=None,
   if offset + max(lengths) > len(hay):
     raise ScoreError(f"the haystack has {len(hay)} tokens; prompts of {max(lengths)} from "
                      f"offset {offset} do not fit: lower the offset or the lengths")
+  params = _full_model(params, config)  # once: every decode step then passes the handle
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   from tqdm.auto import tqdm
@@ -315,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--offset", type=int, default=0,
                   help="haystack token where prompts start (keep away from evaluation prompts)")
   ap.add_argument("--prefill-chunk", type=int, default=1024)
-  ap.add_argument("--sink", type=int, default=64, help="recorded streaming sink")
-  ap.add_argument("--recent", type=int, default=256, help="recorded recent window")
+  ap.add_argument("--sink", type=int, default=DEPLOY.sink, help="recorded streaming sink")
+  ap.add_argument("--recent", type=int, default=DEPLOY.recent, help="recorded recent window")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
   ap.add_argument("--no-progress", action="store_true")
   return ap

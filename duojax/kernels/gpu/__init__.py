@@ -1,7 +1,7 @@
 """GPU attention kernels (Triton, called from JAX through jax-triton).
 
-Importing this module registers the attention backend "gpu" with
-`duojax.attention.dispatch`:
+The attention backend "gpu", whose op table `duojax.attention.dispatch` asks for
+with `backend_ops("gpu")` when it is first used:
   full_chunk        retrieval heads, prefill chunk: causal flash attention over the
                     cache (prefill.py; through tokamax's Mosaic GPU kernel when
                     tokamax is installed, tokamax_chunk.py)
@@ -15,53 +15,68 @@ Importing this module registers the attention backend "gpu" with
 Gate training's whole-sequence ops (`dense_causal`, `dense_streaming`) need
 gradients, which jax-triton calls do not have: they stay on the XLA reference.
 
-It raises RuntimeError when JAX has no GPU (checked first: that is the fix a user
-needs) and ImportError when jax-triton / triton are missing, so `dispatch.resolve_backend("auto")` falls back to "xla". With
-TRITON_INTERPRET=1 (Triton's CPU interpreter) it imports without registering, so
-the kernels can be checked on torch CPU tensors through `launch.Launch.torch`.
+Importing this package queries no device and needs no triton: the ops and the
+kernel modules load on first attribute access (`duojax.kernels.gpu.full_decode`,
+`.decode`, ...), which needs triton; with TRITON_INTERPRET=1 (Triton's CPU
+interpreter) the kernels can then be checked on torch CPU tensors through
+`launch.Launch.torch`. `backend_ops` raises RuntimeError when JAX has no GPU
+(checked first: that is the fix a user needs) and ImportError when jax-triton /
+triton are missing, so `dispatch.resolve_backend("auto")` falls back to "xla".
 """
 
 from __future__ import annotations
 
-import os
-
-if os.environ.get("TRITON_INTERPRET") != "1":
-  import jax
-  if jax.default_backend() != "gpu":  # say what is missing first: a GPU, not a package
-    raise RuntimeError(
-        f"the gpu attention backend needs an NVIDIA GPU, and JAX sees none (it runs on "
-        f"{jax.default_backend()!r}); on a GPU machine install JAX for CUDA "
-        f"(pip install 'jax[cuda12]') and 'duojax[gpu]')")
-
-try:
-  import triton  # noqa: F401
-except ImportError as e:  # pragma: no cover - depends on the machine
-  raise ImportError("the gpu attention backend needs triton (pip install 'duojax[gpu]')") from e
-
-from duojax.kernels.gpu import decode, prefill  # noqa: E402
-from duojax.kernels.gpu.decode import duo_decode, full_decode, streaming_decode  # noqa: E402
-from duojax.kernels.gpu.prefill import full_chunk, streaming_chunk  # noqa: E402
+import importlib
 
 __all__ = ["full_chunk", "streaming_chunk", "full_decode", "streaming_decode", "duo_decode",
-           "OPS"]
+           "OPS", "backend_ops"]
 
-OPS = {"full_chunk": full_chunk, "streaming_chunk": streaming_chunk,
-       "full_decode": full_decode, "streaming_decode": streaming_decode, "duo_decode": duo_decode}
+_OP_HOME = {"full_chunk": "prefill", "streaming_chunk": "prefill", "full_decode": "decode",
+            "streaming_decode": "decode", "duo_decode": "decode"}
+_MODULES = ("decode", "prefill", "tokamax_chunk", "launch")
 
 
-def _register() -> None:
+def _need_triton() -> None:
+  try:
+    import triton  # noqa: F401
+  except ImportError as e:  # pragma: no cover - depends on the machine
+    raise ImportError("the gpu attention backend needs triton (pip install 'duojax[gpu]')") from e
+
+
+def _ops() -> dict:
+  _need_triton()
+  return {name: getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+          for name, mod in _OP_HOME.items()}
+
+
+def __getattr__(name: str):
+  if name in _OP_HOME:
+    _need_triton()
+    return getattr(importlib.import_module(f"{__name__}.{_OP_HOME[name]}"), name)
+  if name == "OPS":
+    return _ops()
+  if name in _MODULES:
+    if name != "launch":
+      _need_triton()
+    return importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def backend_ops(name: str = "gpu") -> dict:
+  """The op table of backend "gpu" for dispatch, after checking this machine can run it."""
+  if name != "gpu":
+    raise ValueError(f"duojax.kernels.gpu has the backend 'gpu', not {name!r}")
   import jax
+  platform = jax.default_backend()
+  if platform != "gpu":  # say what is missing first: a GPU, not a package
+    raise RuntimeError(
+        f"the gpu attention backend needs an NVIDIA GPU, and JAX sees none (it runs on "
+        f"{platform!r}); on a GPU machine install JAX for CUDA "
+        f"(pip install 'jax[cuda12]') and 'duojax[gpu]'")
+  ops = _ops()
   try:
     import jax_triton  # noqa: F401
   except ImportError as e:
     raise ImportError(
         "the gpu attention backend needs jax-triton (pip install 'duojax[gpu]')") from e
-  if jax.default_backend() != "gpu":
-    raise RuntimeError(f"the gpu attention backend needs a GPU; JAX runs on "
-                       f"{jax.default_backend()!r}")
-  from duojax.attention import dispatch
-  dispatch.register_backend("gpu", OPS)
-
-
-if os.environ.get("TRITON_INTERPRET") != "1":
-  _register()
+  return ops

@@ -25,7 +25,7 @@ import math
 import triton
 import triton.language as tl
 
-from duojax.kernels.gpu.launch import Launch, cdiv, next_pow2, strides
+from duojax.kernels.gpu.launch import Launch, cdiv, dtype_name, next_pow2, strides
 
 # Tuning: the best of 36 (block_n, warps, stages, programs) variants at 128K tokens, 4 KV
 # heads, G = 4 on an H100 (infer/bench_kernels.py --variants; the top five were within 2%).
@@ -270,11 +270,6 @@ def _stream_decode_kernel(Q, SK, SV, SPOS, KN, VN, QPOS, NVALID, OUT,
 
 # -- launch plans (static shapes only) ------------------------------------------------
 
-def _dt(x) -> str:
-  import numpy as np
-  return np.dtype(x).name
-
-
 def n_splits(b: int, h: int, s: int, cfg=None) -> int:
   cfg = cfg or DECODE_CONFIG
   ns = cdiv(cfg["programs"], b * h)
@@ -290,7 +285,7 @@ def full_decode_plans(q_shape, k_shape, dtype, cfg=None):
   ns = n_splits(b, h, s, cfg)
   gp, bd = max(16, next_pow2(g)), max(16, next_pow2(d))
   sq, sk = strides(q_shape), strides(k_shape)
-  ieee = _dt(dtype) == "float32"
+  ieee = dtype_name(dtype) == "float32"
   split = Launch(
       _full_decode_kernel, (ns, h, b),
       (((b, h, ns, g, d), "float32"), ((b, h, ns, g), "float32"), ((b, h, ns, g), "float32")),
@@ -305,7 +300,7 @@ def _combine_plan(q_shape, dtype, n_retrieval, ns):
   b, _, h, g, d = q_shape
   sq = strides(q_shape)
   return Launch(
-      _combine_kernel, (g, h, b), ((tuple(q_shape), _dt(dtype)),),
+      _combine_kernel, (g, h, b), ((tuple(q_shape), dtype_name(dtype)),),
       dict(SOB=sq[0], SOH=sq[2], SOG=sq[3], H=h, HR=n_retrieval, G=g, D=d,
            BD=max(16, next_pow2(d)), NS=ns, NSP=max(2, next_pow2(ns))),
       num_warps=8 if ns * d > 8192 else 4, num_stages=1)
@@ -329,7 +324,7 @@ def duo_decode_plans(q_shape, k_shape, slot_shape, dtype, sink, recent, cfg=None
            SSW=ss[1], SSH=ss[2], SNB=sn[0], SNH=sn[2], HR=hr, HS=hs, W=w, G=g,
            GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)), NS=ns,
            BLOCK_N=cfg["block_n"], SBLOCK_N=scfg["block_n"], SINK=int(sink), RECENT=int(recent),
-           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=_dt(dtype) == "float32"),
+           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32"),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
   return split, _combine_plan(q_shape, dtype, hr, ns)
 
@@ -342,11 +337,11 @@ def stream_decode_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None):
   sq, ss = strides(q_shape), strides(slot_shape)
   sn = strides((b, 1, h, d))
   return Launch(
-      _stream_decode_kernel, (h, b), ((tuple(q_shape), _dt(dtype)),),
+      _stream_decode_kernel, (h, b), ((tuple(q_shape), dtype_name(dtype)),),
       dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SSB=ss[0], SSW=ss[1], SSH=ss[2], SNB=sn[0],
            SNH=sn[2], W=w, G=g, GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)),
            BLOCK_N=cfg["block_n"], SINK=int(sink), RECENT=int(recent),
-           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=_dt(dtype) == "float32"),
+           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32"),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 

@@ -52,6 +52,11 @@ def torch_dtype(d):
           "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}[name]
 
 
+def dtype_name(x) -> str:
+  """A dtype's numpy name ("bfloat16", "float32"): the form `Launch.out_shapes` takes."""
+  return np.dtype(x).name
+
+
 def next_pow2(n: int) -> int:
   return 1 << max(0, int(n - 1).bit_length())
 

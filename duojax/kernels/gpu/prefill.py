@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from duojax.kernels.gpu import tokamax_chunk
-from duojax.kernels.gpu.decode import LOG2E, _dt, slot_positions
-from duojax.kernels.gpu.launch import Launch, cdiv, next_pow2, strides
+from duojax.kernels.gpu.decode import LOG2E, slot_positions
+from duojax.kernels.gpu.launch import Launch, cdiv, dtype_name, next_pow2, strides
 
 # Tuning (H100, bf16, D = 128): 483-491 TFLOP/s for a 4096-token chunk over a 32K-128K
 # prefix (infer/bench_kernels.py). BLOCK_M rows = tokens x G.
@@ -215,10 +215,10 @@ def full_chunk_plan(q_shape, k_shape, dtype, cfg=None):
   bm = _block_m(g, cfg)
   sq, sk = strides(q_shape), strides(k_shape)
   return Launch(
-      _full_chunk_kernel, (cdiv(t, bm // g), h, b), ((tuple(q_shape), _dt(dtype)),),
+      _full_chunk_kernel, (cdiv(t, bm // g), h, b), ((tuple(q_shape), dtype_name(dtype)),),
       dict(SQB=sq[0], SQT=sq[1], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], T=t, G=g,
            D=d, BD=max(16, next_pow2(d)), BLOCK_M=bm, BLOCK_N=cfg["block_n"],
-           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=_dt(dtype) == "float32"),
+           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32"),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -230,11 +230,11 @@ def stream_chunk_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None):
   bm = _block_m(g, cfg)
   sq, ss, sk = strides(q_shape), strides(slot_shape), strides((b, t, h, d))
   return Launch(
-      _stream_chunk_kernel, (cdiv(t, bm // g), h, b), ((tuple(q_shape), _dt(dtype)),),
+      _stream_chunk_kernel, (cdiv(t, bm // g), h, b), ((tuple(q_shape), dtype_name(dtype)),),
       dict(SQB=sq[0], SQT=sq[1], SQH=sq[2], SQG=sq[3], SSB=ss[0], SSW=ss[1], SSH=ss[2],
            SKB=sk[0], SKT=sk[1], SKH=sk[2], W=w, T=t, G=g, D=d, BD=max(16, next_pow2(d)),
            BLOCK_M=bm, BLOCK_N=cfg["block_n"], SINK=int(sink), RECENT=int(recent),
-           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=_dt(dtype) == "float32"),
+           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32"),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 

@@ -1,6 +1,7 @@
 """TPU attention kernels (Pallas Mosaic TPU and splash attention) for duojax.
 
-Importing this module registers two attention backends with `duojax.attention.dispatch`:
+Two attention backends, whose op tables `duojax.attention.dispatch` asks for with
+`backend_ops(name)` when one is first used (importing this module queries no device):
   "tpu"            the compiled kernels; only when `jax.default_backend() == "tpu"`, so that
                    `resolve_backend("auto")` picks it on a TPU and nowhere else
   "tpu-interpret"  the same kernels in Pallas' TPU interpret mode: runs on CPU (slowly),
@@ -18,13 +19,12 @@ import re
 
 import jax
 
-from duojax.attention import dispatch
 from duojax.kernels.tpu.chunk_attention import full_chunk, streaming_chunk
 from duojax.kernels.tpu.decode_attention import full_decode, streaming_decode
 from duojax.kernels.tpu.splash_dense import dense_causal, dense_streaming
 
 __all__ = ["full_chunk", "streaming_chunk", "full_decode", "streaming_decode", "dense_causal",
-           "dense_streaming", "ops"]
+           "dense_streaming", "ops", "backend_ops"]
 
 _OPS = {"full_chunk": full_chunk, "streaming_chunk": streaming_chunk, "full_decode": full_decode,
         "streaming_decode": streaming_decode, "dense_causal": dense_causal,
@@ -36,10 +36,6 @@ def ops(interpret: bool = False) -> dict:
   return {name: functools.partial(fn, interpret=interpret) for name, fn in _OPS.items()}
 
 
-# Why "tpu" is not registered on this machine (dispatch names it in its error).
-UNAVAILABLE: dict[str, str] = {}
-
-
 def chip_supported(device_kind: str) -> bool:
   """TPU v2 and v3 are out: Mosaic rejects the kernels' bf16 matmul operands there (JAX's
   own splash attention too), and in fp32 the retrieval-head kernels outgrow their 16 MiB
@@ -47,12 +43,19 @@ def chip_supported(device_kind: str) -> bool:
   return re.match(r"TPU v[23]\b", device_kind) is None
 
 
-dispatch.register_backend("tpu-interpret", ops(interpret=True))
-if jax.default_backend() == "tpu":
+def backend_ops(name: str) -> dict:
+  """The op table of backend `name` ("tpu" or "tpu-interpret") for dispatch.
+
+  Raises RuntimeError naming why when "tpu" cannot run here (no TPU, or too old a chip).
+  """
+  if name == "tpu-interpret":
+    return ops(interpret=True)
+  if name != "tpu":
+    raise ValueError(f"duojax.kernels.tpu has backends 'tpu' and 'tpu-interpret', not {name!r}")
+  platform = jax.default_backend()
+  if platform != "tpu":
+    raise RuntimeError(f"JAX runs on {platform!r}, not a TPU")
   kind = jax.devices()[0].device_kind
-  if chip_supported(kind):
-    dispatch.register_backend("tpu", ops())
-  else:
-    UNAVAILABLE["tpu"] = f"the Pallas TPU kernels need TPU v4 or later, this is {kind}"
-else:
-  UNAVAILABLE["tpu"] = f"JAX runs on {jax.default_backend()!r}, not a TPU"
+  if not chip_supported(kind):
+    raise RuntimeError(f"the Pallas TPU kernels need TPU v4 or later, this is {kind}")
+  return ops()

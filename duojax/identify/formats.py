@@ -1,4 +1,4 @@
-"""Head patterns from other methods' published files.
+"""Other methods' published head-pattern file formats, read into our HeadPattern.
 
 - Retrieval-head scores (Wu et al. 2024): JSON `{"layer-head": [score per
   test, ...]}` over *query* heads; a head's score is the mean of its list and
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from duojax.config import TRAIN
 from duojax.pattern import HeadPattern, PatternError
 
 RETRIEVAL_SCORE_THRESHOLD = 0.1
@@ -118,7 +119,7 @@ def max_over_groups(scores_q: np.ndarray, num_kv_heads: int) -> np.ndarray:
 def retrieval_score_pattern(path, num_kv_heads: int, *,
                             threshold: float | None = None,
                             sparsity: float | None = None,
-                            sink: int = 128, recent: int = 256,
+                            sink: int = TRAIN.sink, recent: int = TRAIN.recent,
                             model_name: str | None = None) -> HeadPattern:
   """HeadPattern from a retrieval-score file; `pattern.mask()` applies the rule.
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from duojax.identify.imports import (load_moa_plan, load_retrieval_scores,
+from duojax.identify.formats import (load_moa_plan, load_retrieval_scores,
                                      max_over_groups, moa_to_pattern,
                                      moa_windows, retrieval_score_pattern)
 from duojax.pattern import HeadPattern, PatternError

@@ -1,0 +1,169 @@
+"""A model used functionally: the static graphdef and the state as a plain dict.
+
+`ModelHandle` is what loading hands out and what the jitted steps take. It is a
+pytree whose only leaves are the state's arrays; the graphdef (structure, head
+splits, logical axis names) rides in its treedef, so jit treats it as static:
+one compile per (shape, pattern), and `nnx.merge` runs inside the trace only.
+The state is `nnx.to_pure_dict` of the model's, so flattening it per call costs
+what the plain params dict did (nnx.State flattens in Python, several times slower).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from duojax.config import ModelConfig
+from duojax.model import modules as M
+
+
+class _Graph:
+  """The static part of a handle, hashed once: jit hashes static parts on every call,
+  and hashing a graphdef walks all its nodes (~0.3 ms for 30 layers)."""
+  __slots__ = ("graphdef", "mask", "_hash")
+
+  def __init__(self, graphdef, mask=None):
+    self.graphdef, self.mask = graphdef, mask
+    self._hash = hash((graphdef, mask))
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return self is other or (isinstance(other, _Graph) and self._hash == other._hash
+                             and self.graphdef == other.graphdef and self.mask == other.mask)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["state"], meta_fields=["graph"])
+@dataclasses.dataclass(frozen=True)
+class ModelHandle:
+  graph: _Graph  # graphdef + the HeadMask the weights are reordered for (None: HF order)
+  state: dict  # nnx.to_pure_dict of the model's state: arrays only
+
+  @property
+  def graphdef(self):
+    return self.graph.graphdef
+
+  @property
+  def mask(self):
+    return self.graph.mask
+
+  def module(self) -> M.Llama:
+    """The NNX model (call inside jit: merging outside it walks the graph per call)."""
+    return nnx.merge(self.graph.graphdef, self.state)
+
+  @property
+  def dtype(self):
+    return self.state["embedding"]["embed"].dtype
+
+  @property
+  def params(self) -> dict:
+    """The plain params dict in served order (retrieval heads first under `mask`)."""
+    return to_params_dict(self)
+
+  def replace(self, state: dict) -> "ModelHandle":
+    return dataclasses.replace(self, state=state)
+
+
+def split(model: M.Llama) -> ModelHandle:
+  """Splits an NNX model once (at load) into a handle."""
+  gd, st = nnx.split(model)
+  return ModelHandle(_graph_of(gd, model.mask), nnx.to_pure_dict(st))
+
+
+_GRAPHS: dict = {}
+
+
+def _graph_of(gd, mask) -> _Graph:
+  """One _Graph per distinct graphdef, so handles of a model compare by identity."""
+  g = _Graph(gd, mask)
+  return _GRAPHS.setdefault(g, g)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_graph(config: ModelConfig, mask, splits) -> _Graph:
+  from duojax.model.llama import init_params
+  abstract = nnx.eval_shape(lambda: M.Llama(config, init_params(config, jax.random.PRNGKey(0)),
+                                            mask, splits))
+  return _graph_of(nnx.split(abstract)[0], mask)
+
+
+def _layer_state(lp: dict) -> dict:
+  return {"attn_norm": lp["attn_norm"], "mlp_norm": lp["mlp_norm"],
+          "attn": {n: lp[n] for n in M.ATTN_NAMES if n in lp},
+          "mlp": {n: lp[n] for n in M.MLP_NAMES}}
+
+
+def from_params(config: ModelConfig, params: dict, mask=None, *, reordered: bool = False,
+                splits=None) -> ModelHandle:
+  """A handle from the plain params dict (per-layer list); see `Llama.from_params`.
+
+  The graphdef is built once per (config, pattern) and the state is the dict's
+  arrays re-nested, so this is cheap enough to run per `generate` call.
+  """
+  if mask is not None and not reordered:
+    from duojax.model.llama import apply_head_mask
+    params = apply_head_mask(params, mask)
+  if isinstance(params.get("layers"), dict):
+    raise ValueError("a handle serves per-layer params; unstack them (a list of layer dicts)")
+  splits = M.splits_for(config, mask) if splits is None else tuple(splits)
+  cheap = ("lm_head" in params) != config.tie_word_embeddings and all(
+      set(lp) == set(M.check_layer_weights(lp, config, f"layer {i}"))
+      for i, lp in enumerate(params["layers"])) and len(params["layers"]) == config.num_layers
+  if not cheap:  # let the module constructor name what is wrong
+    return split(M.Llama(config, params, mask, splits))
+  state = {"embedding": {"embed": params["embed"]}, "final_norm": params["final_norm"],
+           "layers": {i: _layer_state(lp) for i, lp in enumerate(params["layers"])}}
+  if "lm_head" in params:
+    state["lm_head"] = params["lm_head"]
+  return ModelHandle(_cached_graph(config, mask, splits), state)
+
+
+def to_params_dict(h: ModelHandle) -> dict:
+  """The handle's weights as the plain params dict, in served (reordered) order."""
+  st = h.state
+  layers = []
+  for i in range(len(st["layers"])):
+    ls = st["layers"][i]
+    layers.append({"attn_norm": ls["attn_norm"], **ls["attn"], "mlp_norm": ls["mlp_norm"],
+                   **ls["mlp"]})
+  out = {"embed": st["embedding"]["embed"], "final_norm": st["final_norm"], "layers": layers}
+  if "lm_head" in st:
+    out["lm_head"] = st["lm_head"]
+  return {k: out[k] for k in ("embed", "final_norm", "lm_head", "layers") if k in out}
+
+
+def as_handle(model, config: ModelConfig, mask=None) -> ModelHandle:
+  """A ModelHandle as it is, or one from a plain params dict already reordered for
+  `mask` (the contract of the engine's dict callers). A handle must have been built
+  for the same mask."""
+  if isinstance(model, ModelHandle):
+    if model.mask != mask:
+      raise ValueError("the model was built for another head mask than the one given; pass "
+                       "the mask the model was loaded with (LoadedModel.mask)")
+    return model
+  if isinstance(model, M.Llama):
+    raise ValueError("pass a ModelHandle (duojax.model.handle.split(model)), not the NNX "
+                     "module: splitting per call would walk the graph every time")
+  return from_params(config, model, mask, reordered=True)
+
+
+def abstract(h: ModelHandle) -> ModelHandle:
+  """The handle with ShapeDtypeStructs for arrays (for AOT lowering)."""
+  return h.replace(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                          h.state))
+
+
+def cast(h: ModelHandle, dtype) -> ModelHandle:
+  return h.replace(jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), h.state))
+
+
+def init(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02,
+         mask=None) -> ModelHandle:
+  """A handle with random weights (tests, benchmarks); see `llama.init_params`."""
+  from duojax.model.llama import init_params
+  return from_params(config, init_params(config, key, dtype, scale), mask, reordered=True)
