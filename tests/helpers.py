@@ -48,3 +48,24 @@ AGREED_AXES = {
     "bv": ("kv_heads", "head_dim"), "q_norm": ("head_dim",), "k_norm": ("head_dim",),
     "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
 }
+
+
+def gated_oracle(q, k, v, lengths, gates, sink, recent):
+  """The gate-training attention, written out in float64 numpy, loops over (t, j): a * softmax_causal + (1 - a) * softmax_streaming per KV head."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  b, t, hkv, g, d = q.shape
+  out = np.zeros_like(q)
+  for bi in range(b):
+    for h in range(hkv):
+      for gi in range(g):
+        for i in range(t):
+          logits = k[bi, :, h] @ q[bi, i, h, gi] / np.sqrt(d)
+          full = np.array([j <= i and j < lengths[bi] for j in range(t)])
+          strm = full & np.array([j < sink or i - j < recent for j in range(t)])
+          res = np.zeros(d)
+          for m, w in ((full, gates[h]), (strm, 1 - gates[h])):
+            if m.any():
+              p = np.exp(logits[m] - logits[m].max())
+              res += w * (p / p.sum()) @ v[bi, m, h]
+          out[bi, i, h, gi] = res
+  return out

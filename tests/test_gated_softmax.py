@@ -11,28 +11,7 @@ import numpy as np
 import pytest
 
 from duojax.attention import reference, training
-
-
-def _oracle(q, k, v, gates, lengths, sink, recent):
-  """float64 numpy: per head, alpha * causal softmax + (1 - alpha) * streaming softmax."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  b, t, h, g, d = q.shape
-  out = np.zeros_like(q)
-  for bi in range(b):
-    for i in range(t):
-      keys = np.arange(t)
-      causal = (keys <= i) & (keys < lengths[bi])
-      stream = causal & ((keys < sink) | (i - keys < recent))
-      for hi in range(h):
-        for gi in range(g):
-          s = k[bi, :, hi] @ q[bi, i, hi, gi] / np.sqrt(d)
-          mix = np.zeros(t)
-          for m, w in ((causal, gates[hi]), (stream, 1 - gates[hi])):
-            if m.any():
-              e = np.where(m, np.exp(s - s[m].max()), 0.0)
-              mix += w * e / e.sum()
-          out[bi, i, hi, gi] = mix @ v[bi, :, hi]
-  return out
+from helpers import gated_oracle
 
 
 @pytest.mark.parametrize("fn", ["reference", "blocked"])
@@ -50,7 +29,7 @@ def test_gated_attention_wide_logits_exact_and_finite(fn):
     att = lambda q, k, v, a: training.gated_attention(q, k, v, a, lengths, sink, recent,
                                                       block=32)
   got = np.asarray(att(q, k, v, gates))
-  want = _oracle(q, k, v, np.asarray(gates), np.asarray(lengths), sink, recent)
+  want = gated_oracle(q, k, v, np.asarray(lengths), np.asarray(gates), sink, recent)
   valid = np.arange(t)[None, :] < np.asarray(lengths)[:, None]
   np.testing.assert_allclose(got[valid], want[valid], rtol=1e-4, atol=1e-4)
   grads = jax.grad(lambda *xs: jnp.sum(att(*xs) ** 2), argnums=(0, 1, 2, 3))(q, k, v, gates)

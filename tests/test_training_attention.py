@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from duojax.attention import reference, training
+from helpers import gated_oracle
 
 
 def _inputs(seed, b, t, hkv, g, d, dtype=jnp.float32):
@@ -18,27 +19,6 @@ def _inputs(seed, b, t, hkv, g, d, dtype=jnp.float32):
   k = jnp.asarray(rng.standard_normal((b, t, hkv, d)), dtype)
   v = jnp.asarray(rng.standard_normal((b, t, hkv, d)), dtype)
   return q, k, v
-
-
-def _oracle(q, k, v, lengths, gates, sink, recent):
-  """numpy, loops over (t, j): a * softmax_causal + (1 - a) * softmax_streaming per KV head."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  b, t, hkv, g, d = q.shape
-  out = np.zeros_like(q)
-  for bi in range(b):
-    for h in range(hkv):
-      for gi in range(g):
-        for i in range(t):
-          logits = k[bi, :, h] @ q[bi, i, h, gi] / np.sqrt(d)
-          full = np.array([j <= i and j < lengths[bi] for j in range(t)])
-          strm = full & np.array([j < sink or i - j < recent for j in range(t)])
-          res = np.zeros(d)
-          for m, w in ((full, gates[h]), (strm, 1 - gates[h])):
-            if m.any():
-              p = np.exp(logits[m] - logits[m].max())
-              res += w * (p / p.sum()) @ v[bi, m, h]
-          out[bi, i, h, gi] = res
-  return out
 
 
 # (B, T, Hkv, G, D, lengths, sink, recent, block)
@@ -68,12 +48,12 @@ def test_blocked_matches_oracle_and_reference(b, t, hkv, g, d, lengths, sink, re
     return outs
 
   outs = run(q, k, v, jnp.asarray(gates, jnp.float32))
-  np.testing.assert_allclose(outs["gated"], _oracle(q, k, v, lengths, gates, sink, recent),
+  np.testing.assert_allclose(outs["gated"], gated_oracle(q, k, v, lengths, gates, sink, recent),
                              atol=2e-5)
   ones = np.ones(hkv)
-  np.testing.assert_allclose(outs["causal"], _oracle(q, k, v, lengths, ones, sink, recent),
+  np.testing.assert_allclose(outs["causal"], gated_oracle(q, k, v, lengths, ones, sink, recent),
                              atol=2e-5)
-  np.testing.assert_allclose(outs["streaming"], _oracle(q, k, v, lengths, 0 * ones, sink, recent),
+  np.testing.assert_allclose(outs["streaming"], gated_oracle(q, k, v, lengths, 0 * ones, sink, recent),
                              atol=2e-5)
 
 
