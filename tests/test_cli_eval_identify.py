@@ -147,7 +147,11 @@ def test_ctrl_c_during_gate_training(tiny_ckpt, tmp_path):
   assert time.time() - t1 < 20
   assert "Traceback" not in err, err
   assert "--resume" in err and "stopped at step" in err
-  assert any((out / "checkpoints").iterdir())  # the saved checkpoints stay
+  # no finished step is lost: the step the run stopped at is the newest checkpoint
+  last = json.loads(log.read_text().splitlines()[-1])["step"]
+  steps = [int(d.name) for d in (out / "checkpoints").iterdir() if d.name.isdigit()]
+  assert max(steps) == last, (steps, last)
+  assert f"stopped at step {last}" in err
 
 
 def test_second_ctrl_c_quits_during_compile(tiny_ckpt, tmp_path):

@@ -130,15 +130,19 @@ def _settings(a) -> tuple[dict, dict]:
 
 @contextlib.contextmanager
 def _ctrl_c(prog: str, out: Path):
-  """Ctrl-C during training: the first stops at the next point Python regains control (after the
-  step or compile in flight; a checkpoint being written is completed), the second quits at once.
+  """Ctrl-C during training: the first sets the yielded event, and training stops after the step
+  in flight and saves it; the second quits at once.
 
-  A compile or a long step runs in XLA, where Python's own SIGINT handler cannot run, so a
-  thread watches signal.set_wakeup_fd, which the interpreter writes to the moment a signal
-  arrives. The last complete checkpoint always stays: `--resume` continues from it.
+  The handler only sets a flag: a KeyboardInterrupt raised wherever Python happens to be can
+  land inside orbax's writer threads, after which the run hangs at exit ("cannot schedule new
+  futures after shutdown"; seen in CI). A compile or a long step runs in XLA, where Python's
+  own handler cannot run, so a thread watches signal.set_wakeup_fd, which the interpreter
+  writes to the moment a signal arrives, for the second Ctrl-C. The last complete checkpoint
+  always stays: `--resume` continues from it.
   """
+  stop = threading.Event()
   if threading.current_thread() is not threading.main_thread():
-    yield
+    yield stop
     return
   r, w = os.pipe()
   os.set_blocking(w, False)
@@ -146,14 +150,14 @@ def _ctrl_c(prog: str, out: Path):
     old_fd = signal.set_wakeup_fd(w)
   except ValueError:
     os.close(r), os.close(w)
-    yield
+    yield stop
     return
-  old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-  stop = threading.Event()
+  old_handler = signal.signal(signal.SIGINT, lambda *_: stop.set())
+  done = threading.Event()
 
   def watch():
     seen = 0
-    while not stop.is_set():
+    while not done.is_set():
       try:
         data = os.read(r, 64)
       except OSError:
@@ -173,9 +177,9 @@ def _ctrl_c(prog: str, out: Path):
   t = threading.Thread(target=watch, daemon=True)
   t.start()
   try:
-    yield
+    yield stop
   finally:
-    stop.set()
+    done.set()
     signal.set_wakeup_fd(old_fd)
     signal.signal(signal.SIGINT, old_handler)
     os.close(w)  # ends the watcher's read
@@ -214,15 +218,12 @@ def run_duo(argv) -> int:
     hay = HaystackTokens(load_haystack(job["haystack"]), tok, line_breaks=False)
     out = Path(job["out"])
     from duojax.attention.dispatch import resolve_backend
-    try:
-      with _ctrl_c("duojax.identify duo", out):
-        state = duo.train_gates(params, config, tok, hay, cfg, out, mesh, a.resume,
-                                resolve_backend(a.backend))
-    except KeyboardInterrupt:
-      last = _last_log(out / "log.jsonl")
-      print(f"duojax.identify duo: stopped at step {last['step'] if last else 0}; checkpoints "
-            f"are in {out / 'checkpoints'} (every --save-every steps): continue with --resume",
-            file=sys.stderr)
+    with _ctrl_c("duojax.identify duo", out) as stop:
+      state = duo.train_gates(params, config, tok, hay, cfg, out, mesh, a.resume,
+                              resolve_backend(a.backend), stop=stop)
+    if stop.is_set() and state.step < cfg.steps:
+      print(f"duojax.identify duo: stopped at step {state.step} (saved); checkpoints are in "
+            f"{out / 'checkpoints'}: continue with --resume", file=sys.stderr)
       return 130
     # replicated on every device: one local copy is the whole array, also multi-host
     gates = np.asarray(state.gates.addressable_data(0))

@@ -34,6 +34,7 @@ import functools
 import json
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -428,11 +429,14 @@ def restore_state(directory: Path, template: TrainState, mesh: Mesh) -> TrainSta
 def train_gates(params, config: ModelConfig, tokenizer, hay, cfg: GateTrainConfig,
                 out: Path, mesh: Mesh | None = None, resume: bool = False,
                 backend: str = "xla", stop_after: int | None = None,
-                progress: bool = True, log: Callable[[dict], None] | None = None):
+                progress: bool = True, log: Callable[[dict], None] | None = None,
+                stop: threading.Event | None = None):
   """Trains gates; checkpoints into out/checkpoints, logs into out/log.jsonl.
 
   params: frozen weights (any dtype; cast to cfg.dtype). stop_after: return
-  after that many steps in total (tests use it to simulate a kill).
+  after that many steps in total (tests use it to simulate a kill). stop: once set (a Ctrl-C
+  handler sets it), training ends after the step in flight and saves that step first, so an
+  interrupt never lands inside orbax's writer threads and no finished step is lost.
   Returns the final TrainState.
   """
   from duojax.data.passkey import MultiPasskeyConfig
@@ -498,7 +502,7 @@ def train_gates(params, config: ModelConfig, tokenizer, hay, cfg: GateTrainConfi
   t0 = time.perf_counter()
   step = state.step
   try:
-    while step < end:
+    while step < end and not (stop is not None and stop.is_set()):
       tokens, lengths, loss_mask = make_batch(hay, tokenizer, data_cfg, cfg, step)
       tokens, lengths, loss_mask = (global_put(x, batch_sh) for x in (tokens, lengths, loss_mask))
       gates, opt_state, m = step_fn(gates, opt_state, frozen, tokens, lengths, loss_mask)
@@ -515,7 +519,8 @@ def train_gates(params, config: ModelConfig, tokenizer, hay, cfg: GateTrainConfi
         bar.set_postfix(loss=f"{rec['loss']:.4f}", distill=f"{rec['distill']:.4f}",
                         reg=f"{rec['reg']:.3f}")
         bar.update(1)
-      if step % cfg.save_every == 0 or step == cfg.steps:
+      stopping = stop is not None and stop.is_set()
+      if step % cfg.save_every == 0 or step == cfg.steps or stopping:
         import orbax.checkpoint as ocp
         tree = _state_tree(TrainState(gates, opt_state, step))
         # a global array, as the gates are: a multi-host save refuses process-local ones
