@@ -22,6 +22,14 @@ Each cache kind brings its attention: the kinds defined here register theirs wit
 `duojax.attention.dispatch` at the end of this module. Streaming parts of another
 kind (the compensated one of `duojax.compensation`) register how they are built and
 sized with `register_stream_part`, so this module imports no feature module.
+
+Quantised caches (init_cache(..., kv_dtype="int8" | "int4")): every k / v buffer above
+is a `duojax.kv_quant.QuantKV` (codes + a float32 scale and zero per token per KV head)
+instead of an array. Writes quantise the chunk (`write_full`, `write_stream` act on each
+of its leaves alike), attention reads the codes and dequantises: the xla reference up
+front (the oracle), a kernel backend inside the kernel where its op table lists the op
+under "kv_quant" (else the reference runs). Streaming heads attend the chunk's own keys
+quantised too, so every key a query sees went through the cache's quantiser.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from duojax import kv_quant
 from duojax.attention import dispatch
 from duojax.config import ModelConfig
 
@@ -48,7 +57,7 @@ def pytree_dataclass(data: Sequence[str], meta: Sequence[str] = ()):
 @pytree_dataclass(["k", "v"])
 @dataclasses.dataclass
 class FullLayerCache:
-  k: jax.Array  # [B, S, H, D]
+  k: jax.Array  # [B, S, H, D] (or a kv_quant.QuantKV of that logical shape)
   v: jax.Array  # [B, S, H, D]
 
 
@@ -134,39 +143,61 @@ def _layer_shapes(config, mask, batch, capacity):
   return out
 
 
+def _kv_storage(dtype, kv_dtype, compensation):
+  """(dtype of plain buffers, quantisation bits or None) for init_cache / kv_cache_bytes."""
+  bits = kv_quant.bits_of(kv_dtype)
+  if bits is not None and compensation:
+    raise ValueError("the compensation token is built for unquantised caches only; use "
+                     "kv_dtype bf16 (--kv-dtype bf16) with --compensation")
+  plain = {None: dtype, "bf16": jnp.bfloat16, "fp32": jnp.float32}.get(kv_dtype, dtype)
+  return plain, bits
+
+
+def _buffer(shape, dtype, bits):
+  return jnp.zeros(shape, dtype) if bits is None else kv_quant.empty(shape, bits)
+
+
 def init_cache(config: ModelConfig, batch: int, capacity: int, mask=None,
-               dtype=jnp.bfloat16, compensation: bool = False) -> KVCache:
+               dtype=jnp.bfloat16, compensation: bool = False,
+               kv_dtype: str | None = None) -> KVCache:
   """An empty cache. mask: a HeadMask (None = every head full attention).
 
   compensation: streaming parts also keep RazorAttention's compensation token
   (a `duojax.compensation.CompLayerCache`).
+  kv_dtype: None (buffers in `dtype`), "bf16", "fp32", or "int8" / "int4": every k / v
+  buffer a kv_quant.QuantKV (codes + float32 scale and zero per token per KV head).
   """
+  dtype, bits = _kv_storage(dtype, kv_dtype, compensation)
   layers = []
   for kind, full, stream in _layer_shapes(config, mask, batch, capacity):
-    fc = FullLayerCache(jnp.zeros(full, dtype), jnp.zeros(full, dtype))
+    fc = FullLayerCache(_buffer(full, dtype, bits), _buffer(full, dtype, bits))
     if kind == "full":
       layers.append(fc)
       continue
     if compensation:
       sc = _stream_part("compensation").init(stream, dtype, mask.sink, mask.recent)
     else:
-      sc = StreamLayerCache(jnp.zeros(stream, dtype), jnp.zeros(stream, dtype), mask.sink,
-                            mask.recent)
+      sc = StreamLayerCache(_buffer(stream, dtype, bits), _buffer(stream, dtype, bits),
+                            mask.sink, mask.recent)
     layers.append(sc if kind == "stream" else DuoLayerCache(fc, sc))
   return KVCache(tuple(layers), jnp.zeros((batch,), jnp.int32))
 
 
 def kv_cache_bytes(config: ModelConfig, mask, length: int, batch: int = 1,
-                   dtype=jnp.bfloat16, compensation: bool = False) -> int:
-  """Bytes of the cache `init_cache(config, batch, length, mask, dtype, compensation)`
-  allocates."""
+                   dtype=jnp.bfloat16, compensation: bool = False,
+                   kv_dtype: str | None = None) -> int:
+  """Bytes of the cache `init_cache(config, batch, length, mask, dtype, compensation,
+  kv_dtype)` allocates (a quantised cache's scales and zeros included)."""
+  dtype, bits = _kv_storage(dtype, kv_dtype, compensation)
   item = np.dtype(dtype).itemsize
+  size = (lambda shape: item * int(np.prod(shape))) if bits is None else (
+      lambda shape: kv_quant.nbytes(shape, bits))
   total = batch * 4  # lengths
   for kind, full, stream in _layer_shapes(config, mask, batch, length):
     if kind != "stream":
-      total += 2 * item * int(np.prod(full))
+      total += 2 * size(full)
     if kind != "full":
-      total += 2 * item * int(np.prod(stream))
+      total += 2 * size(stream)
       if compensation:
         total += _stream_part("compensation").extra_nbytes(stream)
   return total
@@ -183,17 +214,23 @@ def write_full(c: FullLayerCache, k: jax.Array, v: jax.Array, start: jax.Array,
                n_valid: jax.Array) -> FullLayerCache:
   """Writes chunk token i of row b at slot start[b] + i, for i < n_valid[b].
 
-  k, v [B, T, H, D]. Padding tokens and anything past capacity are dropped, so a
-  ragged batch never overwrites a row's valid entries.
+  k, v [B, T, H, D] (or already in the cache's storage: a QuantKV). Padding tokens and
+  anything past capacity are dropped, so a ragged batch never overwrites a row's valid
+  entries. A quantised cache stores the chunk's codes, scales and zeros alike.
   """
   b, t = k.shape[:2]
   s = c.k.shape[1]
   i = jnp.arange(t)[None, :]
   slot = jnp.where(i < n_valid[:, None], start[:, None] + i, s)  # s = out of range: dropped
   rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-  kk = c.k.at[rows, slot].set(k.astype(c.k.dtype), mode="drop")
-  vv = c.v.at[rows, slot].set(v.astype(c.v.dtype), mode="drop")
+  put = lambda buf, new: buf.at[rows, slot].set(new, mode="drop")
+  kk, vv = (jax.tree_util.tree_map(put, buf, _stored(buf, x)) for buf, x in ((c.k, k), (c.v, v)))
   return FullLayerCache(kk, vv)
+
+
+def _stored(buf, x):
+  """x as `buf` stores it (cast, or quantised with buf's bits); a QuantKV passes as is."""
+  return x if kv_quant.is_quantized(x) else kv_quant.encode_like(buf, x)
 
 
 def stream_slot_positions(length: jax.Array, sink: int, recent: int):
@@ -218,7 +255,7 @@ def stream_slot_positions(length: jax.Array, sink: int, recent: int):
 
 def write_stream(c: StreamLayerCache, k: jax.Array, v: jax.Array, start: jax.Array,
                  n_valid: jax.Array) -> StreamLayerCache:
-  """Moves a chunk into sink slots and the ring. k, v [B, T, H, D].
+  """Moves a chunk into sink slots and the ring. k, v [B, T, H, D] (or a QuantKV).
 
   Each slot takes the latest valid chunk token that maps to it (a gather, so
   there are no conflicting writes when the chunk is longer than the ring).
@@ -234,7 +271,8 @@ def write_stream(c: StreamLayerCache, k: jax.Array, v: jax.Array, start: jax.Arr
     g = jnp.take_along_axis(new, idx[:, :, None, None], axis=1).astype(buf.dtype)
     return jnp.where(from_chunk[:, :, None, None], g, buf)
 
-  return StreamLayerCache(take(c.k, k), take(c.v, v), c.sink, c.recent)
+  kk, vv = (jax.tree_util.tree_map(take, buf, _stored(buf, x)) for buf, x in ((c.k, k), (c.v, v)))
+  return StreamLayerCache(kk, vv, c.sink, c.recent)
 
 
 # -- reordering helpers used by the model ---------------------------------------------
@@ -255,8 +293,8 @@ def attend_full(c: FullLayerCache, q, k, v, start, n_valid, backend):
   """Retrieval heads: the chunk enters the cache, then attends everything up to itself."""
   c = write_full(c, k, v, start, n_valid)
   t = q.shape[1]
-  out = dispatch.op(backend, "full_chunk", t == 1)(q, c.k, c.v, _q_pos(start, t),
-                                                    start + n_valid)
+  out = dispatch.op(backend, "full_chunk", t == 1, kv_quant.is_quantized(c.k))(
+      q, c.k, c.v, _q_pos(start, t), start + n_valid)
   return out, c
 
 
@@ -265,7 +303,10 @@ def attend_stream(c: StreamLayerCache, q, k, v, start, n_valid, backend):
   exact even for a chunk longer than the ring; then the chunk enters the ring."""
   t = q.shape[1]
   slot_pos, slot_valid = stream_slot_positions(start, c.sink, c.recent)
-  out = dispatch.op(backend, "streaming_chunk", t == 1)(
+  quant = kv_quant.is_quantized(c.k)
+  if quant:  # the chunk's keys are attended as the cache will hold them
+    k, v = kv_quant.quantize(k, c.k.bits), kv_quant.quantize(v, c.v.bits)
+  out = dispatch.op(backend, "streaming_chunk", t == 1, quant)(
       q, c.k, c.v, slot_pos, slot_valid, k, v, _q_pos(start, t), n_valid, c.sink, c.recent)
   return out, write_stream(c, k, v, start, n_valid)
 
@@ -285,7 +326,8 @@ def attend_duo(c: DuoLayerCache, q, k, v, start, n_valid, backend):
   """Retrieval heads lead, so each part attends a static slice of the heads; a backend's
   fused `duo_decode` does both in one launch when decoding a plain streaming part."""
   fused = dispatch.backend_ops(backend).get("duo_decode")
-  if fused is not None and q.shape[1] == 1 and type(c.stream) is StreamLayerCache:
+  if (fused is not None and q.shape[1] == 1 and type(c.stream) is StreamLayerCache
+      and not kv_quant.is_quantized(c.full.k)):  # the fused kernels read plain caches
     return _attend_duo_fused(fused, c, q, k, v, start, n_valid)
   n_r = c.n_retrieval
   (qr, qs), (kr, ks), (vr, vs) = (split_heads(x, n_r, 2) for x in (q, k, v))

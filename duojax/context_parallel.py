@@ -1,14 +1,17 @@
 """Context-parallel attention: the retrieval heads' cache split over the `sequence` axis.
 
 Device i of the `sequence` axis (n devices) holds cache slots [i*S/n, (i+1)*S/n) of
-every row, i.e. those positions. For a chunk (prefill) or one token (decode) every
+every row, i.e. those positions. A retrieval part whose heads `tensor` does not divide
+has its slots split over ("sequence", "tensor") jointly instead (duojax.sharding's
+SPILL): device (s, t) holds slice i = s * tensor + t, every device keeps all of that
+part's heads and the queries of all of them, and the merge runs over both axes. For a chunk (prefill) or one token (decode) every
 device attends its slice and returns partial softmax results
 
   m   [B, T, H, G]     max visible logit (-inf where the slice shows the query no key)
   l   [B, T, H, G]     sum of exp(logit - m)
   acc [B, T, H, G, D]  sum of exp(logit - m) * v
 
-which are merged exactly across the axis: M = pmax(m), out = psum(acc * e^(m - M)) /
+which are merged exactly across the axes the slots are split over: M = pmax(m), out = psum(acc * e^(m - M)) /
 psum(l * e^(m - M)); the split-K merge of a flash-decoding kernel done across chips.
 A slice with no visible key has m = -inf and contributes e^(-inf) = 0; giving it any
 finite stand-in instead (the 0 a single-device kernel uses to avoid inf - inf) would
@@ -18,10 +21,14 @@ The per-device op is pluggable: `partial_op(q, k, v, q_pos, kv_len) -> Partial` 
 only its slice, with q_pos and kv_len already shifted into slice coordinates (slot j
 holds position j; q_pos may be negative: such a query sees no key of the slice), so
 a kernel needs no offset argument, only to return its (m, l, acc) instead of
-normalising them. Today's kernels keep exactly these values and divide them at the
-end (TPU `chunk_attention._finish`, GPU `decode` writes them to HBM for
-`_combine_kernel`, in log2 units); exposing them is what wiring them in needs, plus
-handling rows that see no key of the slice (negative q_pos) without NaN.
+normalising them. The kernel backends do: their `full_chunk_partial` /
+`full_decode_partial` ops (the TPU kernels' `return_partial`, whose `_finish` writes
+the scratch as it stands; the Triton decode kernel's split-K partials merged in jnp
+instead of by `_combine_kernel`; the Triton chunk kernel's unnormalised tile) give
+(m, l, acc) in fp32, natural-log units, m = -inf for a row with no key of the slice.
+`kernel_partial_op(backend)` picks them, and `ContextParallel(mesh, backend=...)` runs
+them per device: inside shard_map each Pallas / Triton call sees plain local arrays,
+which is what Mosaic needs (it rejects a pallas_call that GSPMD would partition).
 
 Queries are replicated over `sequence` (each device needs all of them); batch and KV
 heads follow `duojax.sharding`'s rules (data, tensor). The streaming heads' sink +
@@ -39,8 +46,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from duojax import cache as kvc
+from duojax import kv_quant
 from duojax import sharding
-from duojax.attention import reference
+from duojax.attention import dispatch, reference
 
 SEQ = "sequence"
 Q_AXES = ("batch", "length", "kv_heads", "q_group", "head_dim")
@@ -66,6 +74,7 @@ def partial_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax
   and kv_len [B] in the slice's coordinates. Key j is visible iff j <= q_pos and
   j < kv_len.
   """
+  k, v = kv_quant.as_dense(k, q.dtype), kv_quant.as_dense(v, q.dtype)  # a quantised slice
   ct = jnp.promote_types(q.dtype, jnp.float32)
   s_len = k.shape[1]
   k_pos = jnp.arange(s_len, dtype=jnp.int32)
@@ -78,6 +87,46 @@ def partial_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax
   p = jnp.where(vis, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)[..., None]), 0.0)
   acc = jnp.einsum("bthgs,bshd->bthgd", p.astype(v.dtype), v, preferred_element_type=ct)
   return Partial(m.astype(ct), jnp.sum(p, axis=-1), acc)
+
+
+# The backends whose kernels have partial ops, and which `ContextParallel` accepts.
+KERNEL_BACKENDS = ("tpu", "tpu-interpret", "gpu")
+
+
+def backend_name(backend: str = "xla", interpret: bool = False) -> str:
+  """The dispatch name of the per-device backend: `tpu` with interpret=True is
+  `tpu-interpret` (the Pallas TPU kernels interpreted on CPU); `auto` is resolved."""
+  if backend == "auto":
+    backend = dispatch.resolve_backend("auto")
+  if interpret:
+    if backend not in ("tpu", "tpu-interpret"):
+      raise ValueError(f"interpret=True runs the Pallas TPU kernels on CPU; backend "
+                       f"{backend!r} has no interpret mode (use backend='tpu')")
+    return "tpu-interpret"
+  if backend != "xla" and backend not in KERNEL_BACKENDS:
+    raise ValueError(f"context-parallel attention runs backend 'xla' or "
+                     f"{', '.join(map(repr, KERNEL_BACKENDS))} per device, not {backend!r}")
+  return backend
+
+
+def kernel_partial_op(backend: str = "xla", interpret: bool = False) -> PartialOp:
+  """The per-device partial op of `backend`: the XLA reference (`partial_chunk_attention`)
+  for xla, else the backend's `full_chunk_partial` for a chunk and `full_decode_partial`
+  for one token (T = 1). Raises dispatch.BackendUnavailable (with the fix) when this
+  machine cannot run the backend."""
+  name = backend_name(backend, interpret)
+  if name == "xla":
+    return partial_chunk_attention
+  ops = dispatch.backend_ops(name)
+  chunk = ops.get("full_chunk_partial")
+  if chunk is None:
+    raise ValueError(f"attention backend {name!r} has no full_chunk_partial op, which "
+                     "context-parallel attention runs per device; use backend='xla'")
+  decode = ops.get("full_decode_partial", chunk)
+
+  def op(q, k, v, q_pos, kv_len):
+    return Partial(*(decode if q.shape[1] == 1 else chunk)(q, k, v, q_pos, kv_len))
+  return op
 
 
 def _rescale(p: Partial, m_all: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -94,8 +143,11 @@ def merge_partials(parts: Sequence[Partial]) -> Partial:
   return Partial(m_all, sum(ls), sum(accs))
 
 
-def merge_across(p: Partial, axis_name: str) -> Partial:
-  """Exact merge of each device's partial over a mesh axis (inside shard_map)."""
+def merge_across(p: Partial, axis_name: str | tuple[str, ...]) -> Partial:
+  """Exact merge of each device's partial over a mesh axis or a tuple of them (inside
+  shard_map); () is no merge (the slots are not split)."""
+  if axis_name == ():
+    return p
   m_all = jax.lax.pmax(p.m, axis_name)
   l, acc = _rescale(p, m_all)
   return Partial(m_all, jax.lax.psum(l, axis_name), jax.lax.psum(acc, axis_name))
@@ -132,14 +184,28 @@ def _check_mesh(mesh: Mesh, k_shape) -> None:
 
 
 def _specs(mesh, q_shape, k_shape, mode):
+  """(q, cache, positions, rows) specs and the mesh axes the cache's slots split over.
+  The same rules as sharding.cache_specs, so the shard_map sees the cache as placed."""
   notes: list = []
   cache = sharding.spec_for(sharding.CACHE_AXES, k_shape, mesh, mode, False, "kv cache", notes)
   q = sharding.spec_for(Q_AXES, q_shape, mesh, mode, False, "queries", notes)
-  # the chunk is never split over sequence: every slice's owner needs all of it
+  # the chunk is never split over sequence: every slice's owner needs all of it; where
+  # the slots took `tensor` (the heads did not divide it) q is replicated over it too
   q = P(q[0], None, *q[2:])
+  slots = sharding.dim_axes(cache, 1)
+  if "tensor" in slots:  # replicated queries are the design there, not a fallback to note
+    notes = [n for n in notes if not n.startswith("queries")]
   sharding._warn(notes)
   row = P(q[0])
-  return q, cache, P(q[0], None), row
+  return q, cache, P(q[0], None), row, slots
+
+
+def _slice_index(mesh, axes):
+  """This device's slice of the slots split over `axes` (outermost first)."""
+  i = 0
+  for a in axes:
+    i = i * mesh.shape[a] + jax.lax.axis_index(a)
+  return i
 
 
 def _owned_slots(start, n_valid, t, s_loc, off):
@@ -150,22 +216,21 @@ def _owned_slots(start, n_valid, t, s_loc, off):
   return jnp.where(own, pos - off, s_loc)
 
 
-def _write_local(k_cache, v_cache, k, v, start, n_valid, axis):
+def _write_local(k_cache, v_cache, k, v, start, n_valid, off):
   b, t = k.shape[:2]
   s_loc = k_cache.shape[1]
-  off = jax.lax.axis_index(axis) * s_loc
   slot = _owned_slots(start, n_valid, t, s_loc, off)
   rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-  kk = k_cache.at[rows, slot].set(k.astype(k_cache.dtype), mode="drop")
-  vv = v_cache.at[rows, slot].set(v.astype(v_cache.dtype), mode="drop")
+  put = lambda buf, new: buf.at[rows, slot].set(new, mode="drop")  # each leaf of a QuantKV too
+  kk, vv = (jax.tree_util.tree_map(put, buf, kv_quant.encode_like(buf, x))
+            for buf, x in ((k_cache, k), (v_cache, v)))
   return kk, vv
 
 
-def _attend_local(q, k_cache, v_cache, q_pos, kv_len, partial_op, axis):
+def _attend_local(q, k_cache, v_cache, q_pos, kv_len, partial_op, off, axes):
   s_loc = k_cache.shape[1]
-  off = jax.lax.axis_index(axis) * s_loc
   p = partial_op(q, k_cache, v_cache, q_pos - off, jnp.clip(kv_len - off, 0, s_loc))
-  return finalize(merge_across(p, axis), q.dtype)
+  return finalize(merge_across(p, axes), q.dtype)
 
 
 # -- public ops ---------------------------------------------------------------------------
@@ -181,9 +246,12 @@ def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos:
   Returns [B, T, H, G, D].
   """
   _check_mesh(mesh, k_cache.shape)
-  qs, cs, ps, rs = _specs(mesh, q.shape, k_cache.shape, mode)
+  qs, cs, ps, rs, axes = _specs(mesh, q.shape, k_cache.shape, mode)
   op = partial_op or partial_chunk_attention
-  f = lambda *a: _attend_local(*a, op, SEQ)
+
+  def f(q, kc, vc, q_pos, kv_len):
+    off = _slice_index(mesh, axes) * kc.shape[1]
+    return _attend_local(q, kc, vc, q_pos, kv_len, op, off, axes)
   return _shard_map(f, mesh, (qs, cs, cs, ps, rs), qs)(
       q, k_cache, v_cache, q_pos.astype(jnp.int32), kv_len.astype(jnp.int32))
 
@@ -196,9 +264,11 @@ def write_full(c: kvc.FullLayerCache, k: jax.Array, v: jax.Array, start: jax.Arr
   """`cache.write_full` on a sequence-sharded cache: each device writes only the chunk
   tokens whose positions it owns. k, v [B, T, H, D]; start, n_valid [B]."""
   _check_mesh(mesh, c.k.shape)
-  qs, cs, _, rs = _specs(mesh, k.shape[:3] + (1,) + k.shape[3:], c.k.shape, mode)
+  qs, cs, _, rs, axes = _specs(mesh, k.shape[:3] + (1,) + k.shape[3:], c.k.shape, mode)
   ks = P(*qs[:3], qs[4])
-  f = lambda *a: _write_local(*a, SEQ)
+
+  def f(kc, vc, k, v, start, n_valid):
+    return _write_local(kc, vc, k, v, start, n_valid, _slice_index(mesh, axes) * kc.shape[1])
   kk, vv = _shard_map(f, mesh, (cs, cs, ks, ks, rs, rs), (cs, cs))(
       c.k, c.v, k, v, start.astype(jnp.int32), n_valid.astype(jnp.int32))
   return kvc.FullLayerCache(kk, vv)
@@ -211,15 +281,16 @@ def attend_full(c: kvc.FullLayerCache, q: jax.Array, k: jax.Array, v: jax.Array,
   dispatcher does per retrieval part). q [B, T, H, G, D]; k, v [B, T, H, D].
   Returns (out [B, T, H, G, D], the updated cache)."""
   _check_mesh(mesh, c.k.shape)
-  qs, cs, ps, rs = _specs(mesh, q.shape, c.k.shape, mode)
+  qs, cs, ps, rs, axes = _specs(mesh, q.shape, c.k.shape, mode)
   ks = P(*qs[:3], qs[4])
   op = partial_op or partial_chunk_attention
   t = q.shape[1]
 
   def body(q, kc, vc, k, v, start, n_valid):
-    kc, vc = _write_local(kc, vc, k, v, start, n_valid, SEQ)
+    off = _slice_index(mesh, axes) * kc.shape[1]
+    kc, vc = _write_local(kc, vc, k, v, start, n_valid, off)
     q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    return _attend_local(q, kc, vc, q_pos, start + n_valid, op, SEQ), kc, vc
+    return _attend_local(q, kc, vc, q_pos, start + n_valid, op, off, axes), kc, vc
 
   out, kk, vv = _shard_map(body, mesh, (qs, cs, cs, ks, ks, rs, rs), (qs, cs, cs))(
       q, c.k, c.v, k, v, start.astype(jnp.int32), n_valid.astype(jnp.int32))
@@ -231,6 +302,8 @@ def _attend_stream(c: kvc.StreamLayerCache, q, k, v, start, n_valid):
   t = q.shape[1]
   q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   slot_pos, slot_valid = kvc.stream_slot_positions(start, c.sink, c.recent)
+  if kv_quant.is_quantized(c.k):  # the chunk attended as the cache holds it (cache.attend_stream)
+    k, v = kv_quant.quantize(k, c.k.bits), kv_quant.quantize(v, c.v.bits)
   out = reference.streaming_chunk_attention(q, c.k, c.v, slot_pos, slot_valid, k, v, q_pos,
                                             n_valid, c.sink, c.recent)
   return out, kvc.write_stream(c, k, v, start, n_valid)
@@ -265,17 +338,28 @@ def attend(layer_cache: kvc.LayerCache, q: jax.Array, k: jax.Array, v: jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class ContextParallel:
-  """An attention backend for `dispatch.attend` on a mesh with sequence > 1.
+  """An attention backend for `dispatch.attend` on a mesh (sequence > 1, a retrieval
+  part whose slots split over `tensor`, or any mesh when the per-device op is a kernel).
 
   Hashable (a Mesh is), so it goes through jit as the static `backend` argument in
   place of a backend name: the model passes it down untouched and `dispatch.attend`
   hands it the whole layer. A static object rather than a registered name because
   the mesh is part of what is compiled; a global "current mesh" would be state.
+
+  backend: the per-device op of the retrieval heads, "xla" (the reference), "tpu" (the
+  Pallas TPU kernels; interpret=True runs them on CPU, as does "tpu-interpret") or
+  "gpu" (the Triton kernels). An explicit partial_op overrides it.
   """
   mesh: Mesh
-  partial_op: PartialOp | None = None  # None: the XLA reference per-device op
+  partial_op: PartialOp | None = None  # None: the op of `backend`
   mode: str = "inference"
+  backend: str = "xla"
+  interpret: bool = False
+
+  def __post_init__(self):
+    backend_name(self.backend, self.interpret)  # a bad name fails here, not when traced
 
   def attend(self, layer_cache, q, k, v, start, n_valid):
-    return attend(layer_cache, q, k, v, start, n_valid, mesh=self.mesh,
-                  partial_op=self.partial_op, mode=self.mode)
+    op = self.partial_op or kernel_partial_op(self.backend, self.interpret)
+    return attend(layer_cache, q, k, v, start, n_valid, mesh=self.mesh, partial_op=op,
+                  mode=self.mode)

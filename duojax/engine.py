@@ -108,15 +108,17 @@ def prefill(model, config: ModelConfig, tokens: np.ndarray, lengths: np.ndarray,
 
 def forward_logits(model, config: ModelConfig, prompts: list[list[int]], mask=None,
                    chunk: int | None = None, backend: str = "xla", dtype=None,
-                   compensation: bool = False) -> list[np.ndarray]:
+                   compensation: bool = False, kv_dtype: str | None = None) -> list[np.ndarray]:
   """Logits for every prompt position (tests, perplexity). Returns [T_i, V] per prompt.
 
-  compensation: streaming heads keep RazorAttention's compensation token."""
+  compensation: streaming heads keep RazorAttention's compensation token.
+  kv_dtype: the cache's storage (kvc.init_cache): None as `dtype`, bf16, fp32, int8, int4."""
   chunk = chunk or round_up(max(len(p) for p in prompts), 8)
   tokens, lengths = pad_batch(prompts, chunk)
   params = _handle(model, config, mask)
   dtype = dtype or params.dtype
-  cache = kvc.init_cache(config, len(prompts), tokens.shape[1], mask, dtype, compensation)
+  cache = kvc.init_cache(config, len(prompts), tokens.shape[1], mask, dtype, compensation,
+                         kv_dtype)
   _, _, logits = prefill(params, config, tokens, lengths, cache, chunk, backend, all_logits=True)
   logits = np.asarray(logits)
   return [logits[i, :n] for i, n in enumerate(lengths)]
@@ -230,19 +232,28 @@ class GenerationResult:
 # attention through context_parallel.attend. GSPMD partitions the rest (projections
 # over heads, the MLP, batch over data) from the input shardings.
 
-def mesh_backend(mesh, backend: str = "xla"):
+def mesh_backend(mesh, backend: str = "xla", cache: kvc.KVCache | None = None):
   """The static `backend` the steps take on `mesh`: the name itself on one device, the
-  xla reference partitioned by GSPMD on several, ContextParallel when sequence > 1."""
+  xla reference partitioned by GSPMD on several, ContextParallel when sequence > 1, when
+  a retrieval part of `cache` has its slots split over `tensor` (its heads do not divide
+  it: sharding.SPILL; GSPMD would gather the slices back) or when `backend` names
+  kernels (tpu, tpu-interpret, gpu): a pallas_call inside a GSPMD-partitioned jit is
+  rejected, so the retrieval heads' kernels run per device under shard_map there (their
+  partial ops, merged over the axes the slots are split over)."""
   from duojax import sharding
   from duojax import context_parallel
   if mesh is None or mesh.size == 1:
     return backend
   if backend not in ("xla", "auto"):
-    # A pallas_call inside a GSPMD-partitioned jit is rejected (it needs shard_map)
-    raise InputError(f"attention backend {backend!r} does not run on a mesh of {mesh.size} "
-                     "devices yet (its kernels are not wired under shard_map); use --backend "
-                     "xla with --mesh, or drop --mesh")
-  if sharding.mesh_sizes(mesh)["sequence"] > 1:
+    try:
+      context_parallel.kernel_partial_op(backend)  # can this machine run it? (no compile)
+    except (ValueError, RuntimeError) as e:  # BackendUnavailable is both
+      raise InputError(f"attention backend {backend!r} cannot run on this mesh of "
+                       f"{mesh.size} devices: {e}; use --backend xla with --mesh, or drop "
+                       "--mesh") from e
+    return context_parallel.ContextParallel(mesh, backend=backend)
+  if sharding.mesh_sizes(mesh)["sequence"] > 1 or (
+      cache is not None and sharding.splits_sequence(cache, mesh)):
     return context_parallel.ContextParallel(mesh)
   return "xla"
 
@@ -278,6 +289,28 @@ def mesh_placement(mesh, model: ModelHandle, cache: kvc.KVCache,
       replicated=NamedSharding(mesh, P()))
 
 
+def param_shardings_for(mesh, config: ModelConfig):
+  """NamedShardings of the plain params dict (per-layer list, stored head order) by the
+  inference rules: the target a checkpoint restore reads each tensor straight into, so
+  no device holds the whole model first (serving.load_model(mesh=...)). Raises
+  ShardingError (naming the sizes that work) when tensor cannot split the KV heads."""
+  from duojax import sharding
+  return sharding.config_param_shardings(config, mesh)
+
+
+def handle_on_mesh(mesh, config: ModelConfig, params: dict, mask=None,
+                   weights_dtype: str = "bf16") -> ModelHandle:
+  """A handle from params already on `mesh` (a restore into `param_shardings_for`): the
+  head reorder for `mask` runs as one jit whose outputs keep those shardings (it moves KV
+  heads between tensor shards; an eager jnp.take could leave whole copies per device)."""
+  if mask is not None:
+    from duojax.model.llama import apply_head_mask
+    params = jax.jit(lambda p: apply_head_mask(p, mask),
+                     out_shardings=param_shardings_for(mesh, config))(params)
+  return model_handle.from_params(config, params, mask, reordered=True,
+                                  weights_dtype=weights_dtype)
+
+
 def place_on_mesh(mesh, model, config: ModelConfig, cache: kvc.KVCache):
   """Puts the weights and the cache on `mesh`. Returns (handle, cache, MeshPlacement)."""
   h = _handle(model, config, cache=cache)
@@ -305,7 +338,7 @@ def mesh_prefill_step(mesh, pl: MeshPlacement, model: ModelHandle, config: Model
                       all_logits: bool = False):
   """prefill_step compiled for `mesh` with explicit in/out shardings; a `step` for
   `prefill` (it moves host-made row and token arrays onto the mesh itself)."""
-  be = mesh_backend(mesh, backend)
+  be = mesh_backend(mesh, backend, cache)
   b = cache.lengths.shape[0]
 
   def build():
@@ -335,7 +368,7 @@ def mesh_decode(mesh, pl: MeshPlacement, model: ModelHandle, config: ModelConfig
                 eos: tuple[int, ...], backend: str = "xla"):
   """decode compiled for `mesh` with explicit in/out shardings:
   run(model, cache, last_hidden, key) -> (tokens [B, max_new], n_steps, cache)."""
-  be = mesh_backend(mesh, backend)
+  be = mesh_backend(mesh, backend, cache)
   b = cache.lengths.shape[0]
 
   def build():
@@ -362,7 +395,8 @@ def _abstract_on(tree, shardings):
 def generate(model, config: ModelConfig, prompts: list[list[int]], max_new_tokens: int = 64,
              mask=None, prefill_chunk: int = 4096, sampling: SamplingSettings = SamplingSettings(),
              seed: int = 0, backend: str = "xla", cache_dtype=None,
-             compensation: bool = False, mesh=None) -> GenerationResult:
+             compensation: bool = False, mesh=None,
+             kv_dtype: str | None = None) -> GenerationResult:
   """Prefill a batch of prompts of different lengths, then decode.
 
   model: a ModelHandle built for `mask` (serving.load_model's `m.model`), or a params
@@ -370,6 +404,8 @@ def generate(model, config: ModelConfig, prompts: list[list[int]], max_new_token
   DuoAttention, or None for full attention. compensation: streaming
   heads keep RazorAttention's compensation token (duojax.compensation; xla only).
   mesh: a jax Mesh (duojax.sharding.make_mesh) to run on; None: one device, today's path.
+  kv_dtype: the cache's storage: None (cache_dtype, else the weights'), bf16, fp32, or
+  int8 / int4 (quantised per token per KV head, duojax.kv_quant).
   """
   if max_new_tokens < 1:
     raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -380,12 +416,14 @@ def generate(model, config: ModelConfig, prompts: list[list[int]], max_new_token
         f"of {config.max_position_embeddings}; shorten the prompt or lower --max-new-tokens")
   chunk = min(prefill_chunk, round_up(longest, 16))
   tokens, lengths = pad_batch(prompts, chunk)
-  # a multiple of 16 and of the sequence axis (each device holds an equal slice)
-  n_seq = 1 if mesh is None else int(mesh.shape.get("sequence", 1))
+  # a multiple of 16 and of sequence x tensor (each device holds an equal slice, also of
+  # a retrieval part whose heads do not divide tensor: duojax.sharding.SPILL)
+  from duojax import sharding
+  n_seq = sharding.capacity_multiple(mesh)
   capacity = round_up(round_up(int(lengths.max()) + max_new_tokens, 16), n_seq)
   params = _handle(model, config, mask)
   dtype = cache_dtype or params.dtype
-  cache = kvc.init_cache(config, len(prompts), capacity, mask, dtype, compensation)
+  cache = kvc.init_cache(config, len(prompts), capacity, mask, dtype, compensation, kv_dtype)
   nbytes = kvc.cache_nbytes(cache)
   eos = tuple(config.eos_token_ids)
   if mesh is not None:

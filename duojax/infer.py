@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--prefill-chunk", type=int, default=4096)
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                   help="compute dtype (default: as stored)")
+  ap.add_argument("--weights-dtype", choices=("bf16", "int8"), default="bf16",
+                  help="int8: weight-only quantised projections (qwix, a scale per output "
+                       "channel); bf16: the weights as stored")
+  ap.add_argument("--kv-dtype", choices=("bf16", "fp32", "int8", "int4"), default=None,
+                  help="KV cache storage: int8/int4 quantise each token's keys and values per "
+                       "KV head (a float32 scale and zero point; int4 two values a byte); "
+                       "default: the compute dtype")
   ap.add_argument("--backend", default="auto", help="attention backend: auto, xla, gpu, tpu")
   ap.add_argument("--mesh", default=None,
                   help="device mesh, e.g. data=2,tensor=4 or sequence=8 (axes data, fsdp, "
@@ -69,6 +76,9 @@ def check_args(a) -> str:
   validate.at_least("--prefill-chunk", a.prefill_chunk, 1)
   if a.prompt is not None and not any(p.strip() for p in a.prompt):
     raise validate.ArgumentError("--prompt is empty; pass the prompt text")
+  if a.compensation and a.kv_dtype in ("int8", "int4"):
+    raise validate.ArgumentError("--compensation is built for unquantised caches; drop it or "
+                                 "use --kv-dtype bf16")
   if a.compensation and a.attention == "full":
     raise validate.ArgumentError("--compensation applies to streaming heads; use it with "
                                  "--attention duo, streaming or random")
@@ -88,12 +98,16 @@ def check_args(a) -> str:
     if a.compensation and n["sequence"] > 1:
       raise validate.ArgumentError("--compensation is not built for --mesh sequence>1; use "
                                    "sequence=1 (data/tensor) or drop --compensation")
-    if jax.device_count() > 1:  # the kernels do not run under a sharded jit yet
-      if a.backend not in ("auto", "xla"):
-        raise validate.ArgumentError(f"--backend {a.backend} does not run on a mesh of "
-                                     f"{jax.device_count()} devices yet; use --backend xla "
-                                     "with --mesh, or drop --mesh")
-      return "xla"
+    if jax.device_count() > 1:
+      if a.backend in ("auto", "xla"):  # auto stays on the reference until the kernels'
+        return "xla"                    # shard_map route has run on real chips
+      # a named kernel backend runs per device under shard_map (engine.mesh_backend)
+      from duojax.attention.dispatch import BackendUnavailable
+      try:
+        return resolve_backend(a.backend)
+      except BackendUnavailable as e:
+        raise validate.ArgumentError(f"--backend {a.backend} cannot run here ({e}); use "
+                                     "--backend xla with --mesh, or drop --mesh") from e
   return resolve_backend(a.backend)
 
 
@@ -139,18 +153,20 @@ def run(a) -> dict:
           f"{sink_c} + recent {recent_c}: the same attention, a smaller cache", file=sys.stderr)
   settings = DuoSettings(sink=sink_c, recent=recent_c, prefill_chunk=a.prefill_chunk)
   sampling = SamplingSettings(a.temperature, a.top_p)
+  mesh = None
+  if a.mesh:  # before loading: the weights are read straight into their shards on it
+    from duojax import sharding
+    mesh = sharding.make_mesh(a.mesh)
   m = serving.load_model(str(folder), a.attention, a.pattern, a.sparsity, a.threshold,
                          settings.sink, settings.recent, serving.parse_dtype(a.dtype), a.seed,
-                         progress=not a.json, compensation=a.compensation, tokenizer=tok)
+                         progress=not a.json, compensation=a.compensation, tokenizer=tok,
+                         weights_dtype=a.weights_dtype, mesh=mesh)
   if not a.json:
     print("duojax.infer: compiling prefill and decode (about 30 s on a CPU the first time; "
           "later runs reuse the compiled programs)...", file=sys.stderr, flush=True)
-  mesh = None
-  if a.mesh:
-    from duojax import sharding
-    mesh = sharding.make_mesh(a.mesh)
   r = generate(m.model, m.config, prompts, a.max_new_tokens, m.mask, settings.prefill_chunk,
-               sampling, a.seed, backend, compensation=m.compensation, mesh=mesh)
+               sampling, a.seed, backend, compensation=m.compensation, mesh=mesh,
+               kv_dtype=a.kv_dtype)
   eos = set(m.config.eos_token_ids)
   outs = [m.tokenizer.decode([t for t in row if t not in eos], skip_special_tokens=True)
           for row in r.tokens]
@@ -163,12 +179,14 @@ def run(a) -> dict:
       "decode_tokens_per_second": round(r.decode_tokens_per_second, 2),
       "compile_seconds": round(r.compile_seconds, 2),
       "kv_cache_bytes": r.kv_cache_bytes,
+      "kv_dtype": a.kv_dtype,
       "attention": m.attention,
       "compensation": m.compensation,
       "retrieval_head_fraction": 1.0 if m.mask is None else round(m.mask.retrieval_fraction, 4),
       "sink": None if m.mask is None else m.mask.sink,
       "recent": None if m.mask is None else m.mask.recent,
       "model": m.config.name,
+      "weights_dtype": a.weights_dtype,
       "mesh": None if mesh is None else {k: int(v) for k, v in mesh.shape.items()},
   }
   return info

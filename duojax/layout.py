@@ -31,6 +31,13 @@ GATE_AXES = ("kv_heads",)  # one DuoAttention gate per KV head of a layer
 LAYERS_AXIS = "layers"  # the leading axis of stacked (scanned) layer weights
 CACHE_AXES = ("batch", "sequence", "kv_heads", "head_dim")  # retrieval heads' k, v
 WINDOW_AXES = ("batch", "window", "kv_heads", "head_dim")  # streaming heads' sink + ring
+# A quantised cache (duojax.kv_quant.QuantKV) holds codes [B, S, H, D] int8 or [B, S, H, D/2]
+# uint8 (two int4 codes a byte) under the axes above, and a float32 scale and zero per token
+# per KV head, [B, S, H, 1] ([B, W, H, 1] streaming): named like the values (the last axis,
+# one group spanning the head dim, keeps head_dim's name), so they are split exactly as the
+# values they belong to.
+CACHE_SCALE_AXES = ("batch", "sequence", "kv_heads", "head_dim")
+WINDOW_SCALE_AXES = ("batch", "window", "kv_heads", "head_dim")
 ACTIVATION_AXES = ("batch", "length", "embed")
 
 

@@ -99,13 +99,18 @@ def load_model(ckpt: str | None = None, attention: str | None = None, pattern: s
                sparsity: float | None = None, threshold: float | None = None,
                sink: int | None = None, recent: int | None = None, dtype=None,
                seed: int = 0, progress: bool = True, compensation: bool = False,
-               tokenizer=None) -> LoadedModel:
+               tokenizer=None, weights_dtype: str = "bf16", mesh=None) -> LoadedModel:
   """ckpt: a checkpoint folder or an embedded name (default `smollm2-135m`).
 
   attention None picks `duo` when a pattern is given or the checkpoint has a
   default one, else `full`. compensation: serve streaming heads with
   RazorAttention's compensation token (pass `m.compensation` on to `generate`).
   tokenizer: one already loaded from this checkpoint (else it is loaded here).
+  weights_dtype: "bf16" (the checkpoint's weights as loaded) or "int8" (weight-only, through
+  qwix: duojax/model/quant.py).
+  mesh: a jax Mesh (duojax.sharding.make_mesh) to serve on: every tensor is restored
+  straight into its inference sharding there (no whole copy on one device first); pass
+  the same mesh to `generate`.
   """
   ck = Checkpoint.open(ckpt, progress=progress)  # resolved and validated once
   config = ck.config
@@ -120,7 +125,14 @@ def load_model(ckpt: str | None = None, attention: str | None = None, pattern: s
     raise ValueError("--compensation applies to streaming heads; use it with --attention duo, "
                      "streaming or random")
   # split once here: the jitted steps merge the handle inside their trace
-  model = model_handle.from_params(config, ck.params(dtype=dtype), mask)
+  if mesh is None:
+    model = model_handle.from_params(config, ck.params(dtype=dtype), mask,
+                                     weights_dtype=weights_dtype)
+  else:
+    from duojax import engine
+    shardings = engine.param_shardings_for(mesh, config)  # a mesh that cannot fit: before reading
+    model = engine.handle_on_mesh(mesh, config, ck.params(dtype=dtype, shardings=shardings),
+                                  mask, weights_dtype)
   tok = tokenizer if tokenizer is not None else ck.tokenizer()
   return LoadedModel(config, model, tok, mask, pat, attention, ck.path, compensation)
 

@@ -25,8 +25,25 @@ work.
 Retrieval heads' caches split over `sequence` (context parallelism, see
 `duojax.context_parallel`); the streaming heads' sink + ring is tiny and
 is replicated over it. A DuoAttention layer whose retrieval-head count does not
-divide `tensor` keeps its cache parts replicated over `tensor` (and still split
-over `sequence`), so any pattern runs on any mesh the model's KV heads allow.
+divide `tensor` (4 of Llama-3-8B's 8 KV heads at tensor=8; SmolLM2's 1 or 2 of 3 at
+tensor=3) cannot split that part's heads over `tensor`; replicating it there would
+hold every retrieval head's whole cache on each device of the axis (4x full
+attention's per-device cache in that example). Instead `tensor` *spills* onto the
+part's sequence dimension (`SPILL`): its slots split over ("sequence", "tensor")
+jointly, device (s, t) holding slice s * tensor + t, and context-parallel attention
+merges over both axes. Where the capacity is not a multiple of sequence x tensor the
+part stays replicated over `tensor` (a note says so), so any pattern runs on any mesh
+the model's KV heads allow. (Heads over a divisor of `tensor` and sequence over the
+rest would need `tensor` factored into two mesh axes; the joint sequence split holds
+the same bytes per device without that.)
+
+Inference splits the MLP width and the vocabulary over ("tensor", "sequence"): the
+attention weights can split only whole KV heads (at most Hkv ways), and replicating
+the rest over `sequence` left a 70B shape at >= 17.6 GB of weights per device on any
+mesh; the MLP is ~80% of a Llama's weights. GSPMD inserts the reduction of w_down's
+(and the LM head's) partial sums over both axes; at decode the activations are
+[B, 1, E], so that extra all-reduce is small next to reading the weights. Training
+keeps `mlp` and `vocab` on `tensor` only (`sequence` splits the activations there).
 """
 
 from __future__ import annotations
@@ -54,14 +71,20 @@ RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "length": ((), ("sequence",)),  # inference: every sequence shard sees the whole chunk
     "sequence": (("sequence",), ("sequence",)),
     "window": ((), ()),
-    "vocab": (("tensor",), ("tensor",)),
+    "vocab": (("tensor", "sequence"), ("tensor",)),  # inference: see the module docstring
     "embed": ((), ("fsdp",)),
     "kv_heads": (("tensor",), ("tensor",)),
     "q_group": ((), ()),
     "head_dim": ((), ()),
-    "mlp": (("tensor",), ("tensor",)),
+    "mlp": (("tensor", "sequence"), ("tensor",)),
     "layers": ((), ()),
 }
+
+# Inference: a mesh axis that a dimension named on the left cannot take (it does not
+# divide it) goes to the dimension named on the right of the same array, where that
+# divides: the KV cache's heads -> its slots (see the module docstring). Only divisibility
+# spills; an axis already used elsewhere does not.
+SPILL: dict[str, str] = {"kv_heads": "sequence"}
 
 # The weights' and the cache's logical names come from the one table (duojax/layout.py).
 PARAM_AXES: dict[str, tuple[str, ...]] = {**layout.TOP_AXES, "gates": layout.GATE_AXES}
@@ -198,8 +221,9 @@ def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
   own_notes = notes is None
   notes = [] if notes is None else notes
   used: set[str] = set()
-  out = []
-  for name, dim in zip(names, shape):
+  kept: list[list[str]] = []
+  dropped: list[tuple[int, str, str]] = []  # (dim index, mesh axis, note) a SPILL may take
+  for i, (name, dim) in enumerate(zip(names, shape)):
     keep, prod = [], 1
     for ax in mesh_axes_for(name, mode):
       n = sizes[ax]
@@ -211,15 +235,44 @@ def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
         if strict is True or (strict and name in strict):
           raise ShardingError(f"{why}; sizes of {ax} that divide it: "
                               f"{', '.join(map(str, _divisors(dim)))}")
-        notes.append(why + f"; replicated over {ax}")
+        if ax not in used and mode == "inference" and SPILL.get(name) in names:
+          dropped.append((i, ax, why))
+        else:
+          notes.append(why + f"; replicated over {ax}")
         continue
       keep.append(ax)
       prod *= n
     used.update(keep)
-    out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    kept.append(keep)
+  for i, ax, why in dropped:
+    j = list(names).index(SPILL[names[i]])
+    n_j = math.prod(sizes[a] for a in kept[j]) * sizes[ax]
+    if ax not in used and shape[j] % n_j == 0:
+      kept[j].append(ax)  # after the dimension's own axes: slice = own index * n + ax index
+      used.add(ax)
+    else:
+      split = " x ".join(f"{a}={sizes[a]}" for a in kept[j] + [ax])
+      notes.append(why + f"; replicated over {ax} (its {names[j]} dimension {shape[j]} is not "
+                   f"divisible by {split} either: a multiple of {n_j} would split it)")
+  out = [None if not k else k[0] if len(k) == 1 else tuple(k) for k in kept]
   if own_notes:
     _warn(notes)
   return P(*out)
+
+
+def dim_axes(spec: P, i: int) -> tuple[str, ...]:
+  """The mesh axes dimension i of `spec` is split over (outermost first)."""
+  e = spec[i] if i < len(spec) else None
+  return () if e is None else (e,) if isinstance(e, str) else tuple(e)
+
+
+def capacity_multiple(mesh: Mesh | None) -> int:
+  """A KV cache capacity that is a multiple of this can split its slots over `sequence`
+  and, where a retrieval part's heads do not divide `tensor`, over `tensor` too."""
+  if mesh is None:
+    return 1
+  s = mesh_sizes(mesh)
+  return s["sequence"] * s["tensor"]
 
 
 def _warn(notes: list) -> None:
@@ -327,6 +380,13 @@ def param_shardings(params, mesh: Mesh, mode: str = "inference",
   return named(mesh, param_specs(params, mesh, mode, strict, config))
 
 
+def config_param_shardings(config, mesh: Mesh, mode: str = "inference",
+                           strict: bool | Collection[str] = False):
+  """NamedShardings of the plain params dict (per-layer list) of `config`, from its shapes
+  alone (duojax/layout.py): the target of a checkpoint restore straight onto `mesh`."""
+  return param_shardings(layout.param_shapes(config), mesh, mode, strict, config)
+
+
 # -- KV cache ----------------------------------------------------------------------------
 
 def _cache_axes(c):
@@ -334,10 +394,13 @@ def _cache_axes(c):
   from duojax import compensation  # imports cache; only needed for its cache type
   if isinstance(c, kvc.KVCache):
     return kvc.KVCache(tuple(_cache_axes(l) for l in c.layers), ("batch",))
+  from duojax.kv_quant import axes_like  # quantised buffers: codes, scale, zero
   if isinstance(c, kvc.FullLayerCache):
-    return kvc.FullLayerCache(CACHE_AXES, CACHE_AXES)
+    return kvc.FullLayerCache(*(axes_like(x, CACHE_AXES, layout.CACHE_SCALE_AXES)
+                                for x in (c.k, c.v)))
   if isinstance(c, kvc.StreamLayerCache):
-    return kvc.StreamLayerCache(WINDOW_AXES, WINDOW_AXES, c.sink, c.recent)
+    return kvc.StreamLayerCache(*(axes_like(x, WINDOW_AXES, layout.WINDOW_SCALE_AXES)
+                                  for x in (c.k, c.v)), c.sink, c.recent)
   if isinstance(c, kvc.DuoLayerCache):
     return kvc.DuoLayerCache(_cache_axes(c.full), _cache_axes(c.stream))
   if isinstance(c, compensation.CompLayerCache):
@@ -352,7 +415,9 @@ def cache_specs(cache, mesh: Mesh, mode: str = "inference"):
 
   Retrieval parts split over `sequence` (their capacity must be a multiple of it:
   an error otherwise, since context-parallel attention relies on it) and batch over
-  `data`; streaming parts are replicated over `sequence`.
+  `data`; a part whose heads `tensor` does not divide splits its slots over
+  ("sequence", "tensor") instead where the capacity allows (`SPILL`); streaming parts
+  are replicated over `sequence`.
   """
   axes = _cache_axes(cache)
   notes: list = []
@@ -369,7 +434,23 @@ def _cache_spec(names, shape, mesh, mode, notes):
     n, s = mesh_sizes(mesh)["sequence"], shape[names.index("sequence")]
     raise ShardingError(f"KV cache capacity {s} is not a multiple of sequence={n}; allocate "
                         f"{-(-s // n) * n} slots (capacity rounded up to a multiple of {n})")
-  return spec_for(names, shape, mesh, mode, False, "kv cache", notes)
+  what = "kv cache (streaming part)" if "window" in names else "kv cache (retrieval part)"
+  return spec_for(names, shape, mesh, mode, False, what, notes)
+
+
+def splits_sequence(cache, mesh: Mesh, mode: str = "inference") -> bool:
+  """Whether any retrieval part of `cache` has its slots split over a mesh axis: then
+  attention must run context-parallel (duojax.context_parallel), not GSPMD-partitioned
+  (which would gather the slices back onto every device)."""
+  axes = _cache_axes(cache)
+  is_names = lambda x: isinstance(x, tuple) and all(isinstance(n, str) for n in x)
+  flat_names, treedef = jax.tree_util.tree_flatten(axes, is_leaf=is_names)
+  for names, leaf in zip(flat_names, treedef.flatten_up_to(cache)):
+    if "sequence" in names:
+      spec = spec_for(names, leaf.shape, mesh, mode, False, "kv cache", [])
+      if dim_axes(spec, names.index("sequence")):
+        return True
+  return False
 
 
 def cache_shardings(cache, mesh: Mesh, mode: str = "inference"):

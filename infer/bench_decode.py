@@ -218,11 +218,22 @@ def copy_bandwidth(nbytes):
   return 2 * nbytes / statistics.median(ts) / 1e9
 
 
-def random_cache(config, batch, capacity, mask, seed=0):
+def kv_item(config, kv_dtype) -> float:
+  """Bytes read per cached k or v element: 2 for bf16; int8 / int4 codes plus their float32
+  scale and zero per token per KV head (duojax.kv_quant)."""
+  from duojax import kv_quant
+  bits = kv_quant.bits_of(kv_dtype)
+  if bits is None:
+    return 4 if kv_dtype == "fp32" else 2
+  return kv_quant.nbytes((1, config.head_dim), bits) / config.head_dim
+
+
+def random_cache(config, batch, capacity, mask, seed=0, kv_dtype=None):
   import jax
   import jax.numpy as jnp
   from duojax import cache as kvc
-  shapes = jax.eval_shape(lambda: kvc.init_cache(config, batch, capacity, mask, jnp.bfloat16))
+  shapes = jax.eval_shape(lambda: kvc.init_cache(config, batch, capacity, mask, jnp.bfloat16,
+                                                 kv_dtype=kv_dtype))
   leaves, tree = jax.tree_util.tree_flatten(shapes)
   gen = {}
   out = []
@@ -230,9 +241,13 @@ def random_cache(config, batch, capacity, mask, seed=0):
     if s.dtype == jnp.int32:
       out.append(jnp.zeros(s.shape, jnp.int32))
       continue
-    if s.shape not in gen:
-      gen[s.shape] = jax.jit(lambda k, shape=s.shape: jax.random.normal(k, shape, jnp.bfloat16))
-    out.append(gen[s.shape](jax.random.PRNGKey(seed * 1000 + i)))
+    if (s.shape, s.dtype) not in gen:
+      if jnp.issubdtype(s.dtype, jnp.integer):  # quantised codes: random bytes
+        f = lambda k, shape=s.shape, dt=s.dtype: jax.random.bits(k, shape, jnp.uint8).astype(dt)
+      else:  # values, or a quantised cache's scales and zeros
+        f = lambda k, shape=s.shape, dt=s.dtype: jax.random.normal(k, shape, dt)
+      gen[s.shape, s.dtype] = jax.jit(f)
+    out.append(gen[s.shape, s.dtype](jax.random.PRNGKey(seed * 1000 + i)))
   return jax.tree_util.tree_unflatten(tree, out)
 
 
@@ -270,18 +285,20 @@ def run_jax(args, copy_GBps):
       backend = unfused_backend(args.backend) if label.endswith("-unfused") else args.backend
       ctxs = [c for c in contexts(args) if batch == 1 or c <= args.max_batch_ctx * K
               or args.smoke]
+      kvd = args.kv_dtype
       fits = [c for c in ctxs if w_alloc + kvc.kv_cache_bytes(config, mask, c + args.steps + 16,
-                                                              batch) + 4 * 2**30 < limit]
+                                                              batch, kv_dtype=kvd) + 4 * 2**30
+              < limit]
       for c in ctxs:
         if c not in fits:
-          need = (w_alloc + kvc.kv_cache_bytes(config, mask, c, batch)) / 1e9
+          need = (w_alloc + kvc.kv_cache_bytes(config, mask, c, batch, kv_dtype=kvd)) / 1e9
           rows.append({"model": name, "impl": f"duojax-{backend}", "config": label,
                        "batch": batch, "ctx": c, "error": f"does not fit: needs {need:.0f} GB"})
           print("[jax]", json.dumps(rows[-1]), flush=True)
       if not fits:
         continue
       capacity = max(fits) + args.steps + 16
-      cache = random_cache(config, batch, capacity, mask)
+      cache = random_cache(config, batch, capacity, mask, kv_dtype=kvd)
       hidden = jax.random.normal(jax.random.PRNGKey(7), (batch, config.hidden_size),
                                  jnp.bfloat16)
       key = jax.random.PRNGKey(0)
@@ -305,13 +322,15 @@ def run_jax(args, copy_GBps):
             ts.append((time.perf_counter() - t0) / int(steps))
         ms = statistics.median(ts) * 1e3
         wb = weight_bytes_read(config)
-        kb = kv_bytes_read(config, mask, ctx, batch)
+        kb = kv_bytes_read(config, mask, ctx, batch, kv_item(config, kvd))
         floor = (wb + kb) / (copy_GBps * 1e9) * 1e3
         row = {"model": name, "impl": f"duojax-{backend}", "config": label, "batch": batch,
                "ctx": ctx, "ms_per_token": ms, "tokens_per_s": batch / ms * 1e3,
                "floor_ms": floor, "x_floor": ms / floor, "weight_bytes": wb, "kv_bytes_read": kb,
-               "kv_cache_GB": kvc.kv_cache_bytes(config, mask, ctx, batch) / 1e9,
-               "peak_GB": (w_alloc + kvc.kv_cache_bytes(config, mask, ctx, batch) + temp) / 1e9,
+               "kv_dtype": kvd,
+               "kv_cache_GB": kvc.kv_cache_bytes(config, mask, ctx, batch, kv_dtype=kvd) / 1e9,
+               "peak_GB": (w_alloc + kvc.kv_cache_bytes(config, mask, ctx, batch, kv_dtype=kvd)
+                           + temp) / 1e9,
                "xla_temp_GB": temp / 1e9, "compile_s": compile_s, "capacity": capacity}
         rows.append(row)
         print("[jax]", json.dumps(row), flush=True)
@@ -456,6 +475,9 @@ def main(argv=None):
                        "first sparsity, contexts <= --max-batch-ctx)")
   ap.add_argument("--steps", type=int, default=16)
   ap.add_argument("--backend", default="auto")
+  ap.add_argument("--kv-dtype", default="bf16", choices=("bf16", "int8", "int4"),
+                  help="duojax's KV cache: bf16, or int8 / int4 codes + float32 scale and zero "
+                       "per token per KV head (the floor counts those bytes)")
   ap.add_argument("--unfused", action="store_true",
                   help="also time duo without the fused duo_decode op (batch 1)")
   ap.add_argument("--no-hf", action="store_true", help="skip the PyTorch child (HF and peer)")
@@ -514,7 +536,7 @@ def main(argv=None):
           "date": datetime.datetime.now().isoformat(timespec="seconds"),
           "command": "python -m infer.bench_decode " + " ".join(argv or sys.argv[1:]),
           "copy_GBps": copy, "jax_copy_GBps": jax_copy, "torch_copy_GBps": torch_copy,
-          "backend": args.backend, "steps": args.steps}
+          "backend": args.backend, "steps": args.steps, "kv_dtype": args.kv_dtype}
   print(f"# {meta['device']} copy {copy:.0f} GB/s, backend {args.backend}", flush=True)
   args.partial = str(out / "bench_decode_partial.json")
   rows = run_jax(args, copy)

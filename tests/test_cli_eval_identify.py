@@ -297,3 +297,37 @@ def test_init_distributed_on_one_host_is_a_no_op(monkeypatch):
   for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     monkeypatch.delenv(k)
   assert init_distributed() == 1  # nothing set, no cluster detected: this host alone
+
+
+def test_eval_mesh_flag_errors_before_loading(tmp_path, no_model, capsys):
+  """--mesh on duojax.eval: the product must match the devices, known axes only, no fsdp,
+  niah/mkniah/passkey only; each a clear error before any model is loaded."""
+  import jax
+  from duojax.eval.__main__ import main
+  n = jax.device_count()
+  out = ["--out", str(tmp_path / "r.json")]
+  code, err = _err(main, ["niah", *out, "--mesh", f"data={n + 1}"], capsys)
+  assert code == 2 and f"uses {n + 1} devices but {n} are there" in err, err
+  assert "each a divisor of it" in err
+  code, err = _err(main, ["passkey", *out, "--mesh", "model=2"], capsys)
+  assert code == 2 and "unknown axis 'model'" in err, err
+  code, err = _err(main, ["niah", *out, "--mesh", "fsdp=2"], capsys)
+  assert code == 2 and "gate training" in err, err
+  code, err = _err(main, ["ppl", *out, "--mesh", f"data={n}"], capsys)
+  assert code == 2 and "not ppl" in err, err
+
+
+def test_identify_duo_mesh_flag_errors_name_valid_sizes(tmp_path, no_model, capsys):
+  import jax
+  from duojax.identify.__main__ import main
+  hay = tmp_path / "hay.txt"
+  hay.write_text(HAY)
+  n = jax.device_count()
+  base = ["duo", "--haystack", str(hay), "--out", str(tmp_path / "o")]
+  code, err = _err(main, base + ["--mesh", f"data={n},fsdp=2,tensor=3"], capsys)
+  assert code == 2 and f"does not divide the {n} available devices" in err, err
+  assert "multiply to one of 1" in err
+  code, err = _err(main, base + ["--mesh", "data=x"], capsys)
+  assert code == 2 and "data='x' is not a size" in err, err
+  code, err = _err(main, base + ["--mesh", "pipeline=2"], capsys)
+  assert code == 2 and "unknown axis 'pipeline'" in err, err

@@ -153,17 +153,126 @@ def test_four_cpu_devices_equal_one(setup, tmp_path):
     params = init_params(CFG, jax.random.PRNGKey(0), scale=0.3)
     hay = HaystackTokens(TEXT, CharTok(), line_breaks=False)
     tc = dataclasses.replace(TC, batch_size=4, steps=3)
-    s = duo.train_gates(params, CFG, CharTok(), hay, tc, sys.argv[1], duo.make_mesh(int(sys.argv[2])), progress=False)
+    s = duo.train_gates(params, CFG, CharTok(), hay, tc, sys.argv[1], sys.argv[2], progress=False)
     print(json.dumps(np.asarray(s.gates).tolist()))
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   outs = []
-  for n in (4, 1):
-    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"m{n}"), str(n)], env=env,
+  for n, spec in ((4, "data=2,fsdp=2"), (1, "data=1")):  # the whole loop, FSDP-sharded weights
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"m{n}"), spec], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     outs.append(np.array(json.loads(r.stdout.strip().splitlines()[-1])))
   np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+
+# One gate-training step on a mesh (loss, d loss / d gates, the updated gates) equals one
+# device, and the plain gate_loss gradient; 8 fake CPU devices in one subprocess.
+_MESH_STEP = textwrap.dedent("""
+  import sys, json, dataclasses, warnings, numpy as np, jax, jax.numpy as jnp
+  from pathlib import Path
+  from jax.sharding import PartitionSpec as P
+  from duojax.identify import duo, sequence_parallel as seqp
+  from duojax.config import tiny_config
+  from duojax.model import init_params, llama
+  warnings.simplefilter("ignore")  # replicated fallbacks (vocab 97 over tensor) are expected
+  assert len(jax.devices()) == 8
+  cfg = tiny_config(num_layers=2, num_heads=6, num_kv_heads=2, max_position_embeddings=512)
+  params = init_params(cfg, jax.random.PRNGKey(1), scale=0.3)
+  tc = duo.GateTrainConfig(steps=10, batch_size=4, min_len=40, max_len=200, sink=3, recent=7,
+                           dtype="float32", lr=0.05, remat=True)
+  r = np.random.default_rng(0)
+  lengths = np.array([150, 61, 117, 94], np.int32)  # ragged; T = 150 pads to 152 for sequence=4
+  t = 150
+  tokens = np.where(np.arange(t)[None] < lengths[:, None], r.integers(3, 97, (4, t)), 0)
+  mask = (np.arange(t)[None] < lengths[:, None]) & (np.arange(t)[None] >= lengths[:, None] - 25)
+  gates0 = r.uniform(0.1, 0.9, (cfg.num_layers, cfg.num_kv_heads)).astype(np.float32)
+  calls = []
+  orig = seqp._local_rows
+  seqp._local_rows = lambda *a, **k: calls.append(1) or orig(*a, **k)
+
+  def one(spec, student):
+    c = dataclasses.replace(tc, student=student)
+    mesh = duo.make_mesh(spec.removesuffix("+restored"))
+    p = params
+    if spec.endswith("+restored"):  # read straight into the training shards (the CLI's path)
+      from duojax.checkpoint import store
+      import tempfile
+      ck = store.save_checkpoint(Path(tempfile.mkdtemp()) / "ck", cfg, params)
+      target = duo.restore_shardings(cfg, mesh)
+      p = store.load_params(ck, shardings=target)
+      assert p["layers"][1]["wq"].sharding == target["layers"][1]["wq"]
+      assert p["layers"][1]["wq"].sharding.spec == P("fsdp", "tensor", None, None)
+    step, _ = duo.build_step(p, cfg, c, mesh)
+    gs = duo.gate_state(gates0)  # numpy: placed as fresh arrays (the step donates its inputs)
+    g, o = step.place_state(duo.TrainState(gs, step.opt.init(gs), 0))
+    g, o, m, gr = step(g, o, tokens, lengths, mask)
+    wq = step.frozen["layers"]["attn"]["wq"].sharding.spec
+    return dict(loss=float(m["loss"]), distill=float(m["distill"]),
+                grad=np.asarray(gr["layers"]["attn"]["gate"]).tolist(),
+                gates=np.asarray(g["layers"]["attn"]["gate"]).tolist(), wq=str(wq))
+
+  out = {}
+  for student in ("deployed", "official"):
+    vg = jax.value_and_grad(lambda g: duo.gate_loss(
+        g, llama.stack_layers(params), cfg, jnp.asarray(tokens, jnp.int32),
+        jnp.asarray(lengths), jnp.asarray(mask), sink=3, recent=7, reg=tc.reg,
+        student=student, remat=False)[0])
+    loss, grad = vg(jnp.asarray(gates0))
+    out[student] = {"plain": dict(loss=float(loss), grad=np.asarray(grad).tolist())}
+  for spec, student in [("data=1", "deployed"), ("fsdp=4", "deployed"),
+                        ("fsdp=2,tensor=2", "deployed"), ("fsdp=2,tensor=2+restored", "deployed"),
+                        ("data=2,sequence=2", "deployed"),
+                        ("data=1", "official"), ("sequence=4,tensor=2", "official")]:
+    n = len(calls)
+    out[student][spec] = one(spec, student)
+    out[student][spec]["sequence_sharded"] = len(calls) > n
+  print(json.dumps(out))
+""")
+
+
+def test_one_step_on_meshes_equals_one_device(tmp_path):
+  """fsdp=4, tensor=2 x fsdp=2, data=2 x sequence=2 (deployed student) and sequence=4 x
+  tensor=2 (official student), batch 4 of ragged lengths, T not a multiple of sequence=4."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", _MESH_STEP], env=env, capture_output=True,
+                     text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  for student, runs in out.items():
+    plain, one = runs.pop("plain"), runs.pop("data=1")
+    # the one-device step is gate_loss's value and gradient (an independent path)
+    assert one["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    np.testing.assert_allclose(one["grad"], plain["grad"], rtol=1e-4, atol=1e-6)
+    assert one["distill"] > 1e-4 and np.abs(one["grad"]).max() > 1e-3  # a live gradient
+    assert not one["sequence_sharded"]
+    for spec, got in runs.items():
+      assert got["loss"] == pytest.approx(one["loss"], rel=1e-5), spec
+      assert got["distill"] == pytest.approx(one["distill"], rel=1e-5), spec
+      np.testing.assert_allclose(got["grad"], one["grad"], rtol=1e-5, atol=1e-6, err_msg=spec)
+      np.testing.assert_allclose(got["gates"], one["gates"], atol=1e-6, err_msg=spec)
+      assert got["sequence_sharded"] == ("sequence" in spec), spec
+      # frozen wq [L, E, Hkv, G, D]: embed over fsdp, KV heads over tensor
+      assert ("'fsdp'" in got["wq"]) == ("fsdp" in spec), (spec, got["wq"])
+      if spec.endswith("+restored"):
+        assert got == runs[spec.removesuffix("+restored")]  # bit for bit the same step
+      assert ("'tensor'" in got["wq"]) == ("tensor" in spec), (spec, got["wq"])
+
+
+def test_training_mesh_specs_and_errors():
+  m = duo.make_mesh(1)
+  assert dict(m.shape) == {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1}
+  n = len(jax.devices())
+  with pytest.raises(duo.TrainError, match=f"does not divide the {n} available devices.*"
+                                           f"multiply to one of 1"):
+    duo.make_mesh(f"data={n},tensor=2")
+  with pytest.raises(duo.TrainError, match="unknown axis 'model'"):
+    duo.make_mesh("model=2")
+  with pytest.raises(duo.TrainError, match="not AXIS=SIZE"):
+    duo.make_mesh("data")
+  with pytest.raises(duo.TrainError, match="--backend xla"):
+    duo.check_backend("tpu", jax.sharding.Mesh(np.array(jax.devices() * 2)[:2], ("data",)))
 
 
 def test_bad_input(setup, tmp_path):

@@ -233,3 +233,36 @@ def test_generate_gpu_vs_xla():
   a = engine.generate(params, config, prompts, 12, mask=mask, prefill_chunk=16, backend="gpu")
   b = engine.generate(params, config, prompts, 12, mask=mask, prefill_chunk=16, backend="xla")
   assert a.tokens == b.tokens
+
+
+@pytest.mark.parametrize("t,dtype", [(1, jnp.bfloat16), (1, jnp.float32), (37, jnp.bfloat16),
+                                     (37, jnp.float32)])
+def test_triton_partial_route_under_shard_map_gpu(t, dtype):
+  """The Triton partial ops (full_decode's split-K partials merged in jnp for t = 1, the
+  chunk kernel's unnormalised tile otherwise) as context-parallel's per-device op: under
+  shard_map on a 1-device mesh, and on the two halves of the cache merged exactly (the
+  later half holds no key of rows 0 and 1: m = -inf there), against the reference."""
+  from duojax import context_parallel as cp
+  from duojax import sharding
+  b, s, h, g, d = 3, 640, 2, 3, 64
+  start = jnp.asarray([0, 200, 600], jnp.int32)
+  n_valid = jnp.asarray([t, min(t, 5), t], jnp.int32)  # row 0: fewer keys than a half
+  q = rnd((b, t, h, g, d), dtype)
+  kc, vc = rnd((b, s, h, d), dtype), rnd((b, s, h, d), dtype)
+  q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+  kv_len = start + n_valid
+  want = reference.full_chunk_attention(*f32(q, kc, vc), q_pos, kv_len)
+  live = np.asarray(jnp.arange(t)[None] < n_valid[:, None])
+  mesh = sharding.make_mesh("sequence=1", jax.devices()[:1])
+  op = cp.kernel_partial_op("gpu")
+  out = jax.jit(lambda *a: cp.chunk_attention(*a, mesh=mesh, partial_op=op))(
+      q, kc, vc, q_pos, kv_len)
+  check(out, want, dtype, valid_rows=live)
+  half = s // 2
+  parts = jax.jit(lambda q, k, v, p, n: [op(q, k[:, o:o + half], v[:, o:o + half], p - o,
+                                             jnp.clip(n - o, 0, half)) for o in (0, half)])(
+      q, kc, vc, q_pos, kv_len)
+  assert np.isneginf(np.asarray(parts[1].m[:2])).all()  # rows 0, 1: nothing in the later half
+  assert not np.asarray(parts[1].l[:2]).any()
+  merged = cp.finalize(cp.merge_partials(parts), jnp.float32)
+  check(merged, want, dtype, valid_rows=live)

@@ -51,6 +51,49 @@ def _randn(rng, shape, dtype):
   return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
 
 
+def _partial_oracle(q, k, v, q_pos=None, kv_len=None, vis=None):
+  """float64 numpy (m, l, acc) of softmax attention over the visible keys, written apart
+  from the code under test: m the max logit (-inf: nothing visible), l = sum exp(s - m),
+  acc = sum exp(s - m) v. vis [B, T, S] (default: key j visible iff j <= q_pos, j < kv_len)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  if vis is None:
+    j = np.arange(k.shape[1])
+    vis = (j[None, None] <= np.asarray(q_pos)[:, :, None]) & (
+        j[None, None] < np.asarray(kv_len)[:, None, None])
+  s = np.einsum("bthgd,bshd->bthgs", q, k) / np.sqrt(q.shape[-1])
+  s = np.where(vis[:, :, None, None], s, -np.inf)
+  m = s.max(-1)
+  p = np.where(np.isfinite(s), np.exp(s - np.where(np.isfinite(m), m, 0)[..., None]), 0.0)
+  return m, p.sum(-1), np.einsum("bthgs,bshd->bthgd", p, v)
+
+
+def _check_partial(got, want, dtype, some_empty=True):
+  """Compares (m, l, acc) where a row sees keys (m to TOL in absolute logit units, l and acc
+  relative to their largest value) and requires m = -inf, l = acc = 0 where it sees none."""
+  m, l, acc = (np.asarray(x, np.float64) for x in got)
+  wm, wl, wacc = want
+  assert all(x.dtype == np.float64 for x in (m, l, acc)) and np.asarray(got[0]).dtype == np.float32
+  empty = np.isneginf(wm)
+  assert (~empty).any() and (empty.any() or not some_empty)  # both kinds of row are checked
+  np.testing.assert_array_equal(np.isneginf(m), empty)
+  assert not l[empty].any() and not acc[empty].any() and not np.isnan(acc).any()
+  tol = TOL[dtype]
+  assert np.abs(m[~empty] - wm[~empty]).max() <= tol * max(1.0, np.abs(wm[~empty]).max())
+  for a, w in ((l, wl), (acc, wacc)):
+    err = np.abs(a - w).max() / np.abs(w).max()
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+def _merge_oracle(parts):
+  """The exact merge of partials over disjoint key sets, in numpy, then acc / l."""
+  ms = np.stack([np.asarray(p[0], np.float64) for p in parts])
+  big = ms.max(0)
+  w = np.exp(ms - np.where(np.isfinite(big), big, 0))  # exp(-inf) = 0: an empty part
+  l = sum(wi * np.asarray(p[1], np.float64) for wi, p in zip(w, parts))
+  acc = sum(wi[..., None] * np.asarray(p[2], np.float64) for wi, p in zip(w, parts))
+  return acc / np.where(l == 0, 1, l)[..., None]
+
+
 # (H, G, D, KV heads per grid step): GQA with 2 KV heads of 3 query heads, both heads in
 # one step; MHA with 4 heads, two per step (2 * 64 lanes)
 LAYOUTS = {"gqa": (2, 3, 64, 2), "mha": (4, 1, 64, 2)}
@@ -132,6 +175,70 @@ class TpuKernelChecks:
     out = self.call(ktpu.streaming_decode, *args, sink=sink, recent=recent, block_k=128)
     _close(out, ref.streaming_chunk_attention(*args, sink, recent), dtype)
 
+  # -- partial results (return_partial): what context-parallel attention merges ------------
+  @pytest.mark.parametrize("layout,dtype", CASES)
+  def test_full_chunk_partial(self, layout, dtype):
+    """(m, l, acc) against a float64 oracle: rows before the cache (negative q_pos, as a
+    later device's slice sees them), an empty row, ragged lengths; the two halves of a
+    cache merged by the oracle's own rule equal the reference output."""
+    h, g, d, hb = LAYOUTS[layout]
+    rng = np.random.default_rng(8)
+    b, t, s = 3, 5, 260  # two key blocks of 128 and a ragged one
+    q = _randn(rng, (b, t, h, g, d), dtype)
+    kc, vc = _randn(rng, (b, s, h, d), dtype), _randn(rng, (b, s, h, d), dtype)
+    q_pos = jnp.array([-3, 129, 255], jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)
+    kv_len = jnp.array([0, 134, 260], jnp.int32)  # row 0: q_pos -3..1, no key at all
+    m, l, acc = self.call(ktpu.full_chunk, q, kc, vc, q_pos, kv_len, block_q=8, block_k=128,
+                          block_h=hb, return_partial=True)
+    want = _partial_oracle(q, kc, vc, q_pos, kv_len)
+    _check_partial((m, l, acc), want, dtype)
+    assert np.isneginf(np.asarray(m[0])).all() and not np.asarray(l[0]).any()
+    # the halves [0, 130) and [130, 260) in slice coordinates, merged
+    halves = [self.call(ktpu.full_chunk, q, kc[:, o:o + 130], vc[:, o:o + 130], q_pos - o,
+                        jnp.clip(kv_len - o, 0, 130), block_k=128, block_h=hb,
+                        return_partial=True) for o in (0, 130)]
+    assert np.isneginf(np.asarray(halves[1][0][1, 0])).all()  # row 1, q_pos 129: none there
+    _close(_merge_oracle(halves), ref.full_chunk_attention(q, kc, vc, q_pos, kv_len), dtype)
+
+  @pytest.mark.parametrize("layout,dtype", [("gqa", jnp.bfloat16), ("mha", jnp.float32)])
+  def test_full_decode_partial(self, layout, dtype):
+    h, g, d, hb = LAYOUTS[layout]
+    rng = np.random.default_rng(9)
+    b, s = 4, 300
+    q = _randn(rng, (b, 1, h, g, d), dtype)
+    kc, vc = _randn(rng, (b, s, h, d), dtype), _randn(rng, (b, s, h, d), dtype)
+    kv_len = jnp.array([1, 0, 300, 77], jnp.int32)
+    q_pos = jnp.array([[0], [-40], [299], [76]], jnp.int32)  # row 1: before the slice
+    got = self.call(ktpu.full_decode, q, kc, vc, q_pos, kv_len, block_k=128,
+                    return_partial=True)
+    _check_partial(got, _partial_oracle(q, kc, vc, q_pos, kv_len), dtype)
+    out = self.call(ktpu.full_decode, q, kc, vc, q_pos, kv_len, block_k=128)  # unchanged
+    _close(out, ref.full_chunk_attention(q, kc, vc, q_pos, kv_len), dtype)
+
+  def test_streaming_chunk_partial(self):
+    h, g, d, hb = LAYOUTS["gqa"]
+    rng = np.random.default_rng(10)
+    b, t, sink, recent = 2, 9, 3, 20
+    start = jnp.array([0, 70], jnp.int32)
+    n_valid = jnp.array([9, 4], jnp.int32)
+    slot_pos, slot_valid = kvc.stream_slot_positions(start, sink, recent)
+    q = _randn(rng, (b, t, h, g, d), jnp.float32)
+    sk, sv = (_randn(rng, (b, sink + recent, h, d), jnp.float32) for _ in range(2))
+    k, v = (_randn(rng, (b, t, h, d), jnp.float32) for _ in range(2))
+    q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)
+    args = (q, sk, sv, slot_pos, slot_valid, k, v, q_pos, n_valid)
+    m, l, acc = self.call(ktpu.streaming_chunk, *args, sink=sink, recent=recent,
+                          return_partial=True)
+    keys = np.concatenate([np.asarray(sk), np.asarray(k)], 1)
+    vals = np.concatenate([np.asarray(sv), np.asarray(v)], 1)
+    kpos = np.concatenate([np.asarray(slot_pos), np.asarray(q_pos)], 1)
+    kok = np.concatenate([np.asarray(slot_valid), np.arange(t)[None] < np.asarray(n_valid)[:, None]],
+                         1)
+    dist = np.asarray(q_pos)[:, :, None] - kpos[:, None, :]
+    vis = kok[:, None, :] & (dist >= 0) & ((kpos[:, None, :] < sink) | (dist < recent))
+    _check_partial((m, l, acc), _partial_oracle(q, keys, vals, vis=vis), jnp.float32,
+                   some_empty=False)
+
   # -- whole sequences (splash), forward and backward --------------------------------------
   @pytest.mark.parametrize("kind", ["causal", "streaming"])
   def test_dense_forward_and_grad(self, kind):
@@ -177,10 +284,49 @@ class TpuKernelChecks:
     assert not np.asarray(out[1]).any()  # length 0: all zeros
     assert not np.asarray(out[2, 20 + 63:], np.float32).any()  # window entirely past the end
 
+  # -- quantised caches: int8 / int4 codes + scales, dequantised inside the kernels ----------
+  @pytest.mark.parametrize("bits,layout,dtype", [(8, "gqa", jnp.float32), (4, "mha", jnp.bfloat16),
+                                                 (4, "gqa", jnp.float32), (8, "mha", jnp.bfloat16)])
+  def test_quantized_cache_ops(self, bits, layout, dtype):
+    """Chunk and decode ops over kv_quant.QuantKV caches equal the dequantising reference:
+    ragged lengths, ragged last key block, a wrapped ring, odd chunk length."""
+    from duojax import kv_quant as kq
+    h, g, d, _ = LAYOUTS[layout]  # quantised: every step takes all KV heads (block_h None)
+    rng = np.random.default_rng(20 + bits)
+    quant = lambda shape: kq.quantize(_randn(rng, shape, jnp.float32), bits)
+    b, t, s = 3, 9, 300
+    q = _randn(rng, (b, t, h, g, d), dtype)
+    kc, vc = quant((b, s, h, d)), quant((b, s, h, d))
+    kv_len = jnp.array([300, 17, 150], jnp.int32)
+    q_pos = kv_len[:, None] - t + jnp.arange(t, dtype=jnp.int32)
+    out = self.call(ktpu.full_chunk, q, kc, vc, q_pos, kv_len, block_q=8, block_k=128)
+    _close(out, ref.full_chunk_attention(q, kc, vc, q_pos, kv_len), dtype)
+    q1, pos1 = q[:, :1], kv_len[:, None] - 1
+    out = self.call(ktpu.full_decode, q1, kc, vc, pos1, kv_len, block_k=128)
+    _close(out, ref.full_chunk_attention(q1, kc, vc, pos1, kv_len), dtype)
+    sink, recent = 3, 130  # W = 133: with the chunk, a full key block of 128 and more
+    start = jnp.array([0, 50, 1000], jnp.int32)  # empty ring; filling; wrapped
+    slot_pos, slot_valid = kvc.stream_slot_positions(start, sink, recent)
+    sk, sv = quant((b, sink + recent, h, d)), quant((b, sink + recent, h, d))
+    k, v = quant((b, t, h, d)), quant((b, t, h, d))
+    n_valid = jnp.array([9, 4, 1], jnp.int32)
+    args = (q, sk, sv, slot_pos, slot_valid, k, v, start[:, None] + jnp.arange(t), n_valid)
+    out = self.call(ktpu.streaming_chunk, *args, sink=sink, recent=recent, block_q=8,
+                    block_k=128)
+    _close(out, ref.streaming_chunk_attention(*args, sink, recent), dtype)
+    k1, v1 = (jax.tree_util.tree_map(lambda x: x[:, :1], x) for x in (k, v))
+    args = (q1, sk, sv, slot_pos, slot_valid, k1, v1, start[:, None], jnp.ones((b,), jnp.int32))
+    out = self.call(ktpu.streaming_decode, *args, sink=sink, recent=recent, block_k=128)
+    _close(out, ref.streaming_chunk_attention(*args, sink, recent), dtype)
+    with pytest.raises(ValueError, match=f"all {h} KV heads per step"):
+      ktpu.full_chunk(q, kc, vc, q_pos, kv_len, interpret=True, block_h=1)
+
   # -- the whole model ---------------------------------------------------------------------
-  def test_model_matches_xla(self):
+  @pytest.mark.parametrize("kv_dtype", [None, "int8", "int4"])
+  def test_model_matches_xla(self, kv_dtype):
     """Chunked prefill (3 chunks, ragged batch) and decode of a tiny DuoAttention model:
-    backend tpu(-interpret) gives the xla backend's logits."""
+    backend tpu(-interpret) gives the xla backend's logits (int8 / int4: both read the
+    same quantised cache, the kernels dequantising inside)."""
     backend = "tpu-interpret" if self.INTERPRET else "tpu"
     cfg = tiny_config(num_layers=2)
     mask = HeadMask.from_array(np.array([[True, False], [False, False]]), 3, 5)  # duo; stream
@@ -198,7 +344,8 @@ class TpuKernelChecks:
       return llama.logits_from_hidden(params, h[:, 0]), cache
 
     def run(backend):
-      cache = kvc.init_cache(cfg, 2, tokens.shape[1] + len(steps), mask, jnp.float32)
+      cache = kvc.init_cache(cfg, 2, tokens.shape[1] + len(steps), mask, jnp.float32,
+                             kv_dtype=kv_dtype)
       _, cache, logits = prefill(params, cfg, tokens, lengths, cache, 8, backend,
                                  all_logits=True)
       out = [np.asarray(logits)[i, :n] for i, n in enumerate(lengths)]
@@ -227,8 +374,10 @@ def test_backend_registration():
   assert ("tpu" in dispatch.available_backends()) == ON_TPU
   assert (dispatch.resolve_backend("auto") == "tpu") == ON_TPU
   ops = dispatch.backend_ops("tpu-interpret")
-  assert set(ops) == {"full_chunk", "streaming_chunk", "full_decode", "streaming_decode",
-                      "dense_causal", "dense_streaming"}
+  ops = {k for k, fn in ops.items() if callable(fn)}  # tables also hold lists ("kv_quant")
+  assert ops == {"full_chunk", "streaming_chunk", "full_decode", "streaming_decode",
+                 "dense_causal", "dense_streaming", "full_chunk_partial",
+                 "streaming_chunk_partial", "full_decode_partial", "streaming_decode_partial"}
 
 
 def test_importing_kernels_queries_no_device():
@@ -324,6 +473,10 @@ def test_kernels_compile_for_tpu_ahead_of_time():
       q, kc = a((b, t, h, g, d)), a((b, s, h, d))
       full = ktpu.full_decode if t == 1 else ktpu.full_chunk
       jax.jit(full).lower(q, kc, kc, a((b, t), i32), a((b,), i32)).compile()
+      # the partial variant (context parallel: an eighth of the cache per device)
+      kc8 = a((b, s // 8 // 8 * 8, h, d))
+      jax.jit(functools.partial(full, return_partial=True)).lower(
+          q, kc8, kc8, a((b, t), i32), a((b,), i32)).compile()
       w = 64 + 256
       stream = ktpu.streaming_decode if t == 1 else ktpu.streaming_chunk
       jax.jit(functools.partial(stream, sink=64, recent=256)).lower(

@@ -159,6 +159,24 @@ def test_smollm2_tensor3_works_tensor2_errors():
   sh.check_fits(SMOLLM2, m6)
 
 
+def test_config_param_shardings_are_the_restore_target():
+  """From the config alone (nothing allocated): the tree a checkpoint restore fills, with
+  the same specs as the rules give the params' shapes; a mesh that cannot fit raises."""
+  need_devices()
+  from duojax import layout
+  m = sh.make_mesh("sequence=2,tensor=3", jax.devices()[:6])
+  got = sh.config_param_shardings(SMOLLM2, m)
+  assert got["layers"][1]["wq"].spec == P(None, "tensor", None, None)
+  # the vocabulary (49152 = 6 * 8192) and the MLP (1536 = 6 * 256) over tensor x sequence
+  assert got["embed"].spec == P(("tensor", "sequence"), None) and "lm_head" not in got
+  target = layout.abstract_params(SMOLLM2, jnp.bfloat16, got)
+  assert target["layers"][0]["w_up"].sharding.spec == P(None, ("tensor", "sequence"))
+  train = sh.config_param_shardings(SMOLLM2, sh.make_mesh("fsdp=8"), "training")
+  assert train["layers"][0]["wq"].spec == P("fsdp", None, None, None)  # embed 576 = 8 * 72
+  with pytest.raises(sh.ShardingError, match="tensor sizes that work for this model: 1, 3"):
+    sh.config_param_shardings(SMOLLM2, sh.make_mesh("fsdp=4,tensor=2"), "training")
+
+
 def test_training_rules_fsdp_and_stacked_layers():
   need_devices()
   m = sh.make_mesh("fsdp=4,tensor=2")
@@ -216,18 +234,70 @@ def test_cache_specs_uneven_pattern():
   need_devices()
   m = sh.make_mesh("data=2,sequence=2,tensor=2")
   cache = jax.eval_shape(lambda: kvc.init_cache(TINY4, 4, 32, _uneven_mask(), jnp.float32))
-  with pytest.warns(sh.ShardingWarning, match="kv_heads dimension of size 1 is not divisible"):
+  with pytest.warns(sh.ShardingWarning, match=r"kv cache \(streaming part\): kv_heads "
+                                              r"dimension of size 3 is not divisible"):
     specs = sh.cache_specs(cache, m)
   l0, l1, l2, l3 = specs.layers
   assert isinstance(l0, kvc.DuoLayerCache) and isinstance(l2, kvc.StreamLayerCache)
   assert l0.full.k == P("data", "sequence", "tensor", None)
   assert l0.stream.k == P("data", None, "tensor", None)  # sink + ring: not over sequence
-  assert l1.full.v == P("data", "sequence", None, None)  # 1 retrieval head: whole over tensor
-  assert l1.stream.k == P("data", None, None, None)  # 3 streaming heads
+  # 1 retrieval head: tensor cannot split it, so it splits the slots with sequence
+  assert l1.full.v == P("data", ("sequence", "tensor"), None, None)
+  assert l1.stream.k == P("data", None, None, None)  # 3 streaming heads: replicated
   assert l2.k == P("data", None, "tensor", None)
   assert l3.k == P("data", "sequence", "tensor", None)
   assert specs.lengths == P("data")
   assert (l0.stream.sink, l0.stream.recent) == (2, 6)
+
+
+def test_spill_needs_a_capacity_that_both_axes_divide():
+  """Capacity 34 splits over sequence=2 but not over sequence x tensor = 4: the 1-head
+  part stays replicated over tensor, and the note says why; no spill in training mode."""
+  need_devices()
+  m = sh.make_mesh("sequence=2,tensor=2", jax.devices()[:4])
+  cache = jax.eval_shape(lambda: kvc.init_cache(TINY4, 1, 34, _uneven_mask(), jnp.float32))
+  notes: list = []
+  got = sh.spec_for(sh.CACHE_AXES, cache.layers[1].full.k.shape, m, notes=notes)
+  assert got == P(None, "sequence", None, None)
+  assert any("sequence dimension 34 is not divisible by sequence=2 x tensor=2 either: a "
+             "multiple of 4 would split it" in n for n in notes), notes
+  assert sh.spec_for(sh.CACHE_AXES, (1, 32, 1, 8), m, notes=[]) == P(
+      None, ("sequence", "tensor"), None, None)
+  assert sh.spec_for(sh.CACHE_AXES, (1, 32, 1, 8), m, "training", notes=[]) == P(
+      None, "sequence", None, None)
+  assert sh.capacity_multiple(m) == 4 and sh.capacity_multiple(None) == 1
+  # whether attention must run context-parallel on a tensor-only mesh
+  t2 = sh.make_mesh("tensor=2", jax.devices()[:2])
+  init = lambda cap, mask: jax.eval_shape(lambda: kvc.init_cache(TINY4, 1, cap, mask,
+                                                                 jnp.float32))
+  assert sh.splits_sequence(init(32, _uneven_mask()), t2)  # the 1-head layer's slots
+  assert not sh.splits_sequence(init(33, _uneven_mask()), t2)  # 33 slots: replicated
+  assert not sh.splits_sequence(init(32, None), t2)  # full attention: heads over tensor
+
+
+def test_inference_splits_the_mlp_and_vocab_over_tensor_and_sequence():
+  """A 70B-like layer on sequence=8 x tensor=8: the MLP and the vocabulary split 64 ways
+  (the 8 KV heads only 8), so the weights per device shrink with `sequence` too. Where
+  tensor x sequence does not divide a width, tensor alone (or sequence alone) does."""
+  need_devices()
+  m = sh.make_mesh("sequence=2,tensor=4")
+  shapes = {"embed": (128256, 64), "lm_head": (64, 128256), "final_norm": (64,),
+            "layers": [{"wq": (64, 8, 8, 16), "w_gate": (64, 28672), "w_up": (64, 28672),
+                        "w_down": (28672, 64)}]}
+  specs = sh.param_specs(shapes, m)
+  lay = specs["layers"][0]
+  both = ("tensor", "sequence")
+  assert lay["wq"] == P(None, "tensor", None, None)
+  assert lay["w_gate"] == lay["w_up"] == P(None, both) and lay["w_down"] == P(both, None)
+  assert specs["embed"] == P(both, None) and specs["lm_head"] == P(None, both)
+  with pytest.warns(sh.ShardingWarning, match="not divisible by sequence=2"):
+    assert sh.param_specs({"embed": (12, 64), "final_norm": (64,)}, m)["embed"] == P(
+        "tensor", None)  # 12 = 4 * 3
+  with pytest.warns(sh.ShardingWarning, match="not divisible by tensor=4"):
+    assert sh.param_specs({"embed": (6, 64), "final_norm": (64,)}, m)["embed"] == P(
+        "sequence", None)
+  # training keeps them on tensor (sequence splits the activations there)
+  assert sh.param_specs(shapes, m, "training")["layers"][0]["w_up"] == P(None, "tensor")
 
 
 def test_cache_capacity_must_split_over_sequence():

@@ -18,6 +18,12 @@ a DuoAttention layer's retrieval and streaming heads in one launch: it replaces
 the two decode ops and the concatenation of their outputs. A backend may omit
 any op; the reference is used.
 
+Quantised caches (duojax.kv_quant): the cache arguments (k_cache, v_cache, slot_k,
+slot_v) and the streaming ops' chunk k, v are then `kv_quant.QuantKV` pytrees (codes,
+scale, zero; `bits` static). A backend's table lists under "kv_quant" the op names
+that read them (dequantising inside the kernel); for any other op the reference runs,
+which dequantises first.
+
 Kernel backends live in duojax/kernels/<name>/ and are loaded on first use: the
 package's `backend_ops(name)` checks the device and packages (importing a kernel
 package queries no device) and returns the op table or raises with the fix.
@@ -40,6 +46,7 @@ _BACKENDS: dict[str, dict[str, Callable]] = {
         "dense_causal": lambda q, k, v, lengths: reference.dense_attention(q, k, v, lengths),
         "dense_streaming": lambda q, k, v, lengths, sink, recent: reference.dense_attention(
             q, k, v, lengths, jnp.ones((q.shape[2],), bool), sink, recent),
+        "kv_quant": ("full_chunk", "streaming_chunk"),
     }
 }
 # Kernel backends and the package that builds each; `auto` picks by platform.
@@ -112,10 +119,14 @@ def resolve_backend(name: str = "auto") -> str:
   return "xla"
 
 
-def op(backend: str, name: str, decode: bool = False) -> Callable:
+def op(backend: str, name: str, decode: bool = False, quantized: bool = False) -> Callable:
   """Backend op `name` ("full_chunk", "streaming_chunk"); with decode=True its one-token
-  variant ("full_decode", ...) when the backend has one. Falls back to the xla reference."""
+  variant ("full_decode", ...) when the backend has one. Falls back to the xla reference.
+  quantized: the cache holds kv_quant.QuantKV buffers; only ops the backend lists under
+  "kv_quant" take them."""
   ops = backend_ops(backend)
+  if quantized:
+    ops = {n: f for n, f in ops.items() if n in ops.get("kv_quant", ())}
   if decode and name.replace("chunk", "decode") in ops:
     return ops[name.replace("chunk", "decode")]
   return ops.get(name) or _BACKENDS["xla"][name]

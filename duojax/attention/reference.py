@@ -6,12 +6,18 @@ Layouts (GQA packed by KV head so a KV head's G query heads sit together):
   out    [B, T, Hkv, G, D]
 Positions are absolute token positions; keys are cached after RoPE at their
 original positions, so masks compare positions, never slot indices.
+
+The chunk ops also read quantised caches (`duojax.kv_quant.QuantKV` for any cache
+argument, and for a streaming op's chunk k, v): they dequantise them into q's dtype
+first, the oracle for kernels that dequantise inside.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from duojax.kv_quant import as_dense
 
 
 def causal_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
@@ -124,6 +130,7 @@ def full_chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   q [B, T, H, G, D]; k_cache, v_cache [B, S, H, D] with slot j holding position j;
   q_pos [B, T] absolute positions; kv_len [B] valid cache length after the chunk.
   """
+  k_cache, v_cache = as_dense(k_cache, q.dtype), as_dense(v_cache, q.dtype)
   s = k_cache.shape[1]
   k_pos = jnp.arange(s)[None, :]
   mask = causal_mask(q_pos, k_pos) & (k_pos < kv_len[:, None])[:, None, :]
@@ -142,6 +149,7 @@ def streaming_chunk_attention(q: jax.Array, slot_k: jax.Array, slot_v: jax.Array
   n_valid [B] how many chunk tokens are real.
   Cost is O(T * (W + T)), independent of the sequence length.
   """
+  slot_k, slot_v, k, v = (as_dense(x, q.dtype) for x in (slot_k, slot_v, k, v))
   t = q.shape[1]
   chunk_valid = jnp.arange(t)[None, :] < n_valid[:, None]  # [B, T]
   keys = jnp.concatenate([slot_k, k], axis=1)

@@ -53,6 +53,14 @@ def _common(ap: argparse.ArgumentParser, lengths: str) -> None:
                   help="auto: bfloat16 on GPU/TPU, float32 on CPU")
   ap.add_argument("--backend", default="auto", help="attention backend: auto, xla, gpu, tpu")
   ap.add_argument("--prefill-chunk", type=int, default=1024)
+  ap.add_argument("--kv-dtype", default=None, choices=("bf16", "fp32", "int8", "int4"),
+                  help="KV cache storage: int8/int4 quantise per token per KV head (scale + "
+                       "zero, duojax.kv_quant); default: the compute dtype (niah, mkniah, "
+                       "passkey)")
+  ap.add_argument("--mesh", default=None,
+                  help="device mesh, e.g. tensor=3 or data=2,sequence=4 (axes data, tensor, "
+                       "sequence; the sizes multiply to the device count); default: one "
+                       "device (niah, mkniah, passkey)")
   ap.add_argument("--out", required=True, help="results JSON")
   ap.add_argument("--plot", default=None, help="PNG figure")
   ap.add_argument("--no-progress", action="store_true")
@@ -108,6 +116,20 @@ def check_args(a) -> None:
   validate.at_least("--samples", a.samples, 1)
   for flag in ("max_new_tokens", "batch_size", "keys"):
     validate.at_least("--" + flag.replace("_", "-"), getattr(a, flag, None), 1)
+  if a.task == "ppl" and a.kv_dtype is not None:
+    raise validate.ArgumentError("--kv-dtype is wired for niah, mkniah and passkey, not ppl "
+                                 "yet; drop --kv-dtype for ppl")
+  if a.mesh:
+    if a.task == "ppl":
+      raise validate.ArgumentError("--mesh is wired for niah, mkniah and passkey, not ppl yet; "
+                                   "drop --mesh for ppl")
+    from duojax.eval.harness import parse_eval_mesh
+    mesh = parse_eval_mesh(a.mesh)  # the product must match the devices, before any loading
+    comp = [m for m in a.attention.split(",") if m.strip().endswith("+comp")]
+    if comp and mesh.shape["sequence"] > 1:
+      raise validate.ArgumentError(f"{comp[0]}: the compensation token is not built for "
+                                   "--mesh sequence>1; use sequence=1 (data/tensor) or drop "
+                                   "+comp")
   validate.writable_file("--out", a.out)
   validate.writable_file("--plot", a.plot)
 
@@ -131,7 +153,8 @@ def _run(a) -> dict:
                         a.question if a.question is not None else base.question,
                         a.answer if a.answer is not None else base.answer)
   progress = not a.no_progress
-  model = harness.load_eval_model(a.ckpt, a.pattern, a.dtype, progress=progress)
+  mesh = harness.parse_eval_mesh(a.mesh)
+  model = harness.load_eval_model(a.ckpt, a.pattern, a.dtype, progress=progress, mesh=mesh)
   loaded = {n: load_any(d) for n, d in named.items()}
   built = build_methods(methods, model.config, model.pattern, a.sink, a.recent, a.seed, loaded)
   hay, hay_path = harness.load_haystack_tokens(a.haystack, model.tokenizer)
@@ -147,13 +170,14 @@ def _run(a) -> dict:
       plots.ppl_bands(doc, a.plot)
   else:
     gen_kw = dict(max_new_tokens=a.max_new_tokens, prefill_chunk=a.prefill_chunk,
-                  batch_size=a.batch_size, backend=backend)
+                  batch_size=a.batch_size, backend=backend, kv_dtype=a.kv_dtype, mesh=mesh)
     doc = harness.run_retrieval(
         a.task, model, hay, built, lengths, depths, a.chat, gen_kw, a.samples or 1, a.seed,
         a.offset, needle=needle, variant=getattr(a, "variant", "numeric"),
         num_keys=a.keys if a.task == "mkniah" else getattr(a, "num_keys", 4),
         key_words=getattr(a, "key_words", 4),
-        progress=progress, extra_settings={"haystack": hay_path, "patterns": named})
+        progress=progress, extra_settings={"haystack": hay_path, "patterns": named,
+                                           "kv_dtype": a.kv_dtype})
     if a.plot:
       metric = doc["plot_metric"]
       plots.heatmaps(doc["summary"][metric], a.plot, f"{a.task} ({model.config.name})",

@@ -44,6 +44,10 @@ class GenSettings:
   # Streaming heads keep the compensation token: it changes the cache's structure,
   # so it keys the compile like the shapes do (run_grid sets it per method).
   compensation: bool = False
+  kv_dtype: str | None = None  # the cache's storage (kvc.init_cache): None, bf16, int8, int4
+  # A jax Mesh (duojax.sharding.make_mesh) to run on, None: one device. Its programs are the
+  # engine's mesh steps, compiled on first use and kept by the engine per shape and mesh.
+  mesh: object = None
 
   @classmethod
   def for_lengths(cls, longest: int, config: ModelConfig, **kw) -> "GenSettings":
@@ -59,6 +63,8 @@ class GenSettings:
     chunk = min(s.prefill_chunk, round_up(longest, 16))
     # Slots for the padded prompt (a whole number of chunks) plus the answer.
     cap = round_up(round_up(longest, chunk) + s.max_new_tokens, 16)
+    if s.mesh is not None:  # each device of `sequence` holds an equal slice of the cache
+      cap = round_up(cap, int(s.mesh.shape.get("sequence", 1)))
     return dataclasses.replace(s, prefill_chunk=chunk, capacity=cap)
 
 
@@ -83,13 +89,15 @@ def compile_programs(params, config: ModelConfig, jobs, s: GenSettings, dtype=No
   tok = jax.ShapeDtypeStruct((b, s.prefill_chunk), jnp.int32)
   eos = tuple(config.eos_token_ids)
   todo = {}
+  if s.mesh is not None:  # greedy_generate compiles the engine's mesh steps (kept there)
+    return programs
   for mask, comp in jobs:
     g = dataclasses.replace(s, compensation=bool(comp and mask is not None))
     key = _program_key(mask, g, dtype)
     if key in programs or key in todo:
       continue
     cache = jax.eval_shape(lambda m=mask, c=g.compensation: kvc.init_cache(
-        config, b, g.capacity, m, dtype, c))
+        config, b, g.capacity, m, dtype, c, g.kv_dtype))
     todo[key] = (
         prefill_step.lower(abstract, config, tok, cache, i32, i32, hid, g.backend),
         decode.lower(abstract, config, cache, hid, jax.random.PRNGKey(0), g.max_new_tokens,
@@ -122,11 +130,13 @@ def greedy_generate(params, config: ModelConfig, prompts: list[list[int]], mask,
                      f"{s.capacity} slots set for this run")
   dtype = dtype or params["embed"].dtype
   cache = kvc.init_cache(config, s.batch_size, s.capacity, mask, dtype,
-                         s.compensation and mask is not None)
+                         s.compensation and mask is not None, s.kv_dtype)
   eos = tuple(config.eos_token_ids)
   key = jax.random.PRNGKey(0)
   compiled = (programs or {}).get(_program_key(mask, s, dtype))
-  if compiled is None:
+  if s.mesh is not None:
+    out = _generate_on_mesh(params, config, tokens, lengths, cache, mask, s, eos, key)
+  elif compiled is None:
     last, cache, _ = prefill(params, config, tokens, lengths, cache, s.prefill_chunk, s.backend)
     out, _, _ = decode(params, config, cache, last, key, s.max_new_tokens, SamplingSettings(),
                        eos, s.backend)
@@ -140,3 +150,18 @@ def greedy_generate(params, config: ModelConfig, prompts: list[list[int]], mask,
     out, _, _ = dec(params, cache, last, key)
   out = np.asarray(out)[:n]
   return [[int(t) for t in row if t >= 0 and t not in eos] for row in out]
+
+
+def _generate_on_mesh(params, config, tokens, lengths, cache, mask, s: GenSettings, eos, key):
+  """greedy_generate's prefill + decode through the engine's mesh steps (the shapes are
+  the run's, so each method compiles its pair once; the engine keeps them)."""
+  from duojax import engine
+  from duojax.model.handle import as_handle
+  h, cache, pl = engine.place_on_mesh(s.mesh, as_handle(params, config, mask), config, cache)
+  step = engine.mesh_prefill_step(s.mesh, pl, h, config, cache, s.prefill_chunk, s.backend)
+  last, cache, _ = prefill(h, config, tokens, lengths, cache, s.prefill_chunk, s.backend,
+                           step=step)
+  dec = engine.mesh_decode(s.mesh, pl, h, config, cache, s.max_new_tokens, SamplingSettings(),
+                           eos, s.backend)
+  out, _, _ = dec(h, cache, last, key)
+  return out

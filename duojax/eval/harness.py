@@ -45,11 +45,13 @@ def resolve_dtype(name: str | None) -> str:
 
 
 def load_eval_model(ckpt: str | None, pattern: str | None = None, dtype: str | None = "auto",
-                    progress: bool = True) -> EvalModel:
+                    progress: bool = True, mesh=None) -> EvalModel:
+  """mesh: a jax Mesh to evaluate on (the weights are restored straight into their
+  shardings there; give the same mesh to GenSettings); None: one device."""
   from duojax.eval.methods import resolve_pattern
   from duojax.serving import load_model
   dt = resolve_dtype(dtype)
-  m = load_model(ckpt, "full", dtype=getattr(jnp, dt), progress=progress)
+  m = load_model(ckpt, "full", dtype=getattr(jnp, dt), progress=progress, mesh=mesh)
   pat, src = resolve_pattern(m.ckpt, ckpt, pattern)
   return EvalModel(m.config, m.params, m.tokenizer, m.ckpt, ckpt, pat, src, dt)
 
@@ -70,10 +72,26 @@ def load_haystack_tokens(path: str | None, tokenizer) -> tuple[HaystackTokens, s
   return HaystackTokens(load_haystack(path), tokenizer, line_breaks=False), str(path)
 
 
-def device_info() -> dict:
+def device_info(mesh=None) -> dict:
   d = jax.devices()[0]
-  return {"platform": d.platform, "device_kind": getattr(d, "device_kind", ""),
+  info = {"platform": d.platform, "device_kind": getattr(d, "device_kind", ""),
           "jax": jax.__version__}
+  if mesh is not None:
+    info["mesh"] = {k: int(v) for k, v in mesh.shape.items()}
+  return info
+
+
+def parse_eval_mesh(spec: str | None):
+  """--mesh for evaluation: None or "" -> None (one device); else a Mesh of every device,
+  the sizes multiplying to the device count (duojax.sharding.parse_mesh says which)."""
+  if not spec:
+    return None
+  from duojax import sharding
+  if sharding.parse_mesh(spec)["fsdp"] > 1:
+    raise ValueError("--mesh fsdp=N shards weights for gate training; evaluation takes data, "
+                     "tensor and sequence")
+  sharding.parse_mesh(spec, jax.device_count())  # the sizes must multiply to the devices
+  return sharding.make_mesh(spec)
 
 
 def run_retrieval(task: str, model: EvalModel, hay: HaystackTokens, methods: list[BuiltMethod],
@@ -120,7 +138,7 @@ def run_retrieval(task: str, model: EvalModel, hay: HaystackTokens, methods: lis
       "max_new_tokens": gen.max_new_tokens, "prefill_chunk": gen.prefill_chunk,
       "batch_size": gen.batch_size, "backend": gen.backend, "pattern": model.pattern_source,
       "pattern_metadata": model.pattern.metadata if model.pattern is not None else None,
-      "device": device_info(), **(extra_settings or {}),
+      "device": device_info(gen.mesh), **(extra_settings or {}),
   }
   if task == "niah":
     settings.update(needle=needle.needle, question=needle.question, answer=needle.answer)

@@ -44,7 +44,11 @@ def duo_parser() -> argparse.ArgumentParser:
                        "deployed: the student's own hidden states, like the streaming branch "
                        "(the paper's equations; the model as served)")
   ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-  ap.add_argument("--mesh", default=None, help="data=N: data-parallel devices (default: all)")
+  ap.add_argument("--mesh", default=None,
+                  help="device mesh, e.g. data=4 or data=2,fsdp=2,tensor=2 or data=2,sequence=4 "
+                       "(axes data, fsdp, sequence, tensor; frozen weights FSDP over fsdp, KV "
+                       "heads and the MLP over tensor, each sample's tokens over sequence; "
+                       "default: every device on data)")
   ap.add_argument("--distributed", action="store_true",
                   help="multi-host: join the other processes with jax.distributed.initialize "
                        "first (a no-op when there is one process)")
@@ -204,23 +208,23 @@ def run_duo(argv) -> int:
     _check_job(job["haystack"], job["out"], job["sparsity"])
     if a.distributed:
       init_distributed(a.coordinator, a.num_processes, a.process_id)
-    data = None
-    if job["mesh"]:
-      key, _, val = str(job["mesh"]).partition("=")
-      if key != "data" or not val.isdigit():
-        raise ValueError(f"--mesh takes data=N, got {job['mesh']!r}")
-      data = int(val)
-    mesh = duo.make_mesh(data)
+    # data=N, or any of data, fsdp, sequence, tensor (sizes multiplying to a divisor of
+    # the devices); none: every device on data
+    mesh = duo.make_mesh(str(job["mesh"]) if job["mesh"] else None)
+    duo.check_backend(a.backend, mesh)  # before loading: kernels need one device for now
     folder = resolve_checkpoint(job["ckpt"])
     config = store.load_config(folder)
-    params = store.load_params(folder)
+    # on a mesh of several devices every tensor is read straight into its training shard
+    params = store.load_params(folder, shardings=duo.restore_shardings(config, mesh))
     tok = store.load_tokenizer(folder)
     hay = HaystackTokens(load_haystack(job["haystack"]), tok, line_breaks=False)
     out = Path(job["out"])
     from duojax.attention.dispatch import resolve_backend
+    # the kernels do not run under a sharded jit yet: auto means xla on several devices
+    backend = "xla" if a.backend == "auto" and mesh.size > 1 else resolve_backend(a.backend)
     with _ctrl_c("duojax.identify duo", out) as stop:
-      state = duo.train_gates(params, config, tok, hay, cfg, out, mesh, a.resume,
-                              resolve_backend(a.backend), stop=stop)
+      state = duo.train_gates(params, config, tok, hay, cfg, out, mesh, a.resume, backend,
+                              stop=stop)
     if stop.is_set() and state.step < cfg.steps:
       print(f"duojax.identify duo: stopped at step {state.step} (saved); checkpoints are in "
             f"{out / 'checkpoints'}: continue with --resume", file=sys.stderr)

@@ -22,9 +22,15 @@ state, which it differentiates, optimises with optax and checkpoints, and the
 frozen rest; the step merges them inside its trace and scans the layers (the
 stacked Block merged per step, remat on).
 
-Data parallel over a `data` mesh axis: the batch is split over it and every
-frozen weight is sharded FSDP-style over it too (gates replicated), so the same
-code runs on 1 device, N CPU devices, several GPUs or a TPU slice.
+On a device mesh (duojax.sharding's four axes, `--mesh data=2,fsdp=2,tensor=2`):
+the frozen weights are placed by the library's logical rules in "training" mode
+(fsdp over embed, tensor over KV heads, the MLP and the vocabulary), the gates and
+the optimizer state are replicated, the batch is split over data (and fsdp where it
+divides), and with sequence > 1 every sample's tokens are split over `sequence`:
+attention computes each device's query rows over K/V all-gathered over that axis
+(duojax/identify/sequence_parallel.py says what that first form does and does not
+do). `build_step` compiles one step so; `train_gates` loops it. The same code runs on
+1 device, N CPU devices, several GPUs or a TPU slice (multi-host: `global_put`).
 """
 
 from __future__ import annotations
@@ -46,9 +52,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from duojax import sharding
 from duojax.attention import dispatch
 from duojax.attention.training import dense_attention, gated_attention  # blocked when T is large
 from duojax.config import TRAIN, ModelConfig, round_up
+from duojax.identify import sequence_parallel as seqp
 from duojax.model import llama
 from duojax.model.modules import Gate, Llama
 
@@ -162,7 +170,8 @@ def l1_mean(x: jax.Array) -> jax.Array:
 def student_teacher_hidden(gates: jax.Array, params, config: ModelConfig, tokens: jax.Array,
                            lengths: jax.Array, sink: int, recent: int,
                            student: str = "deployed", remat: bool = True,
-                           backend: str = "xla") -> tuple[jax.Array, jax.Array]:
+                           backend: str = "xla", mesh: Mesh | None = None
+                           ) -> tuple[jax.Array, jax.Array]:
   """Final hidden states (after the last RMSNorm) of teacher and student.
 
   gates [L, Hkv] (already clamped: the caller decides the clamp's gradient);
@@ -173,16 +182,22 @@ def student_teacher_hidden(gates: jax.Array, params, config: ModelConfig, tokens
   """
   model = Llama(config, params, gates=gates)
   return two_way_hidden(model, tokens, lengths, sink, recent, student, remat, backend,
-                        clamp=lambda a: a)
+                        clamp=lambda a: a, mesh=mesh)
 
 
 def two_way_hidden(model: Llama, tokens: jax.Array, lengths: jax.Array, sink: int, recent: int,
                    student: str = "deployed", remat: bool = True, backend: str = "xla",
-                   clamp: Callable = None) -> tuple[jax.Array, jax.Array]:
+                   clamp: Callable = None, mesh: Mesh | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
   """`student_teacher_hidden` on an NNX model built with `Gate`s: each layer's gate
-  [Hkv] is read from its `Gate` and passed through `clamp` (default `clamp01`)."""
+  [Hkv] is read from its `Gate` and passed through `clamp` (default `clamp01`).
+
+  mesh: the mesh the step runs on (inside its jit); with sequence > 1 attention runs
+  sequence-sharded (`sequence_parallel`), elsewhere GSPMD partitions the jnp ops.
+  """
   if student not in STUDENTS:
     raise TrainError(f"--student must be one of {sorted(STUDENTS)}, got {student!r}")
+  check_backend(backend, mesh)
   clamp = clamp01 if clamp is None else clamp
   # A kernel backend's whole-sequence ops (TPU splash) when it has them; the XLA
   # reference computes the logits once for both masks (gated_attention) instead.
@@ -191,11 +206,19 @@ def two_way_hidden(model: Llama, tokens: jax.Array, lengths: jax.Array, sink: in
   t = tokens.shape[1]
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
   emb = model.embed(tokens)
+  seq_mesh = mesh if seqp.sequence_size(mesh) > 1 else None
+  if mesh is not None and mesh.size > 1:  # the residual stream: rows as the batch, split T
+    emb = jax.lax.with_sharding_constraint(emb, NamedSharding(mesh, sharding.spec_for(
+        ("batch", "length", None), emb.shape, mesh, "training", notes=[])))
 
   def full(q, k, v):
+    if seq_mesh is not None:
+      return seqp.causal_attention(q, k, v, lengths, mesh=seq_mesh)
     return fc(q, k, v, lengths) if fc else dense_attention(q, k, v, lengths)
 
   def stream(q, k, v):
+    if seq_mesh is not None:
+      return seqp.streaming_attention(q, k, v, lengths, sink, recent, mesh=seq_mesh)
     if fs:
       return fs(q, k, v, lengths, sink, recent)
     return dense_attention(q, k, v, lengths, np.ones((q.shape[2],), bool), sink, recent)
@@ -223,6 +246,8 @@ def two_way_hidden(model: Llama, tokens: jax.Array, lengths: jax.Array, sink: in
       o = mix(a, o_teacher, stream(q, k, v))
     elif fc and fs:  # kernel backends: two masked passes, mixed here
       o = mix(a, full(q, k, v), stream(q, k, v))
+    elif seq_mesh is not None:
+      o = seqp.gated_attention(q, k, v, a, lengths, sink, recent, mesh=seq_mesh)
     else:
       o = gated_attention(q, k, v, a, lengths, sink, recent)
     return blk.finish(x, o), None
@@ -235,7 +260,7 @@ def two_way_hidden(model: Llama, tokens: jax.Array, lengths: jax.Array, sink: in
 def gate_loss(gates: jax.Array, params, config: ModelConfig, tokens: jax.Array,
               lengths: jax.Array, loss_mask: jax.Array, *, sink: int, recent: int,
               reg: float, student: str = "deployed", remat: bool = True,
-              backend: str = "xla"):
+              backend: str = "xla", mesh: Mesh | None = None):
   """The gate-training loss; `jax.grad` of it w.r.t. `gates` is the training gradient.
 
   gates [L, Hkv] (raw: clamped here with `clamp01`); params: frozen weights
@@ -248,18 +273,19 @@ def gate_loss(gates: jax.Array, params, config: ModelConfig, tokens: jax.Array,
   """
   return model_gate_loss(Llama(config, params, gates=gates), tokens, lengths, loss_mask,
                          sink=sink, recent=recent, reg=reg, student=student, remat=remat,
-                         backend=backend)
+                         backend=backend, mesh=mesh)
 
 
 def model_gate_loss(model: Llama, tokens: jax.Array, lengths: jax.Array, loss_mask: jax.Array,
                     *, sink: int, recent: int, reg: float, student: str = "deployed",
-                    remat: bool = True, backend: str = "xla"):
+                    remat: bool = True, backend: str = "xla", mesh: Mesh | None = None):
   """`gate_loss` on an NNX model built with `Gate`s (raw values, clamped here): what
   training differentiates with respect to `nnx.state(model, Gate)`."""
   gates = model.gate_values()
   if gates is None:
     raise TrainError("the model has no gates; build it with Llama(config, params, gates=...)")
-  teacher, stud = two_way_hidden(model, tokens, lengths, sink, recent, student, remat, backend)
+  teacher, stud = two_way_hidden(model, tokens, lengths, sink, recent, student, remat, backend,
+                                 mesh=mesh)
   ct = jnp.promote_types(stud.dtype, jnp.float32)
   sq = jnp.mean(jnp.square(stud.astype(ct) - teacher.astype(ct)), axis=-1)  # [B, T]
   m = loss_mask.astype(ct)
@@ -298,28 +324,94 @@ def init_state(config: ModelConfig, cfg: GateTrainConfig, opt) -> TrainState:
 
 # -- sharding ----------------------------------------------------------------------
 
-def make_mesh(data: int | None = None) -> Mesh:
-  devices = jax.devices()
-  data = data or len(devices)
-  if data < 1 or len(devices) % data:
-    raise TrainError(f"--mesh data={data} does not divide the {len(devices)} available devices; "
-                     f"use a divisor of {len(devices)}")
-  return Mesh(np.asarray(devices[:data]).reshape(data), ("data",))
+def make_mesh(spec: int | str | dict | None = None, devices=None) -> Mesh:
+  """A training mesh with duojax.sharding's four axes (data, fsdp, sequence, tensor).
+
+  spec: None (every device on `data`), an int N (`data=N`), or a spec such as
+  "data=2,fsdp=2,tensor=2" / a dict of sizes. The sizes must multiply to a divisor of the
+  device count; the mesh takes the first that many devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if spec is None:
+    sizes = {"data": n}
+  elif isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+    sizes = {"data": int(spec)}
+  else:
+    try:
+      sizes = sharding.parse_mesh(spec)
+    except sharding.ShardingError as e:
+      raise TrainError(str(e)) from e
+  if any(int(v) < 1 for v in sizes.values()):
+    raise TrainError(f"--mesh sizes must be >= 1, got {sizes}")
+  total = int(np.prod([int(v) for v in sizes.values()]))
+  if total > n or n % total:
+    ok = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+    shown = ",".join(f"{k}={v}" for k, v in sizes.items() if v != 1) or "data=1"
+    raise TrainError(f"--mesh {shown} uses {total} devices, which does not divide the {n} "
+                     f"available devices; the sizes must multiply to one of {ok} (e.g. "
+                     f"data={n})")
+  return sharding.make_mesh(dict(sizes), devices[:total])
 
 
-def fsdp_spec(shape, n: int, first: int = 0) -> P:
-  """Shard the largest axis (from `first` on) divisible by the data-axis size."""
-  if n == 1:
-    return P()
-  best = None
-  for ax, d in enumerate(shape):
-    if ax >= first and d % n == 0 and (best is None or d > shape[best]):
-      best = ax
-  if best is None:
-    return P()
-  spec = [None] * len(shape)
-  spec[best] = "data"
-  return P(*spec)
+def _sizes(mesh: Mesh) -> dict[str, int]:
+  """Axis sizes of any mesh (also one built elsewhere with fewer axes, e.g. ("data",))."""
+  unknown = set(mesh.shape) - set(sharding.MESH_AXES)
+  if unknown:
+    raise TrainError(f"the training mesh has axes {sorted(unknown)} that the sharding rules do "
+                     f"not know; build it with duo.make_mesh (axes {', '.join(sharding.MESH_AXES)})")
+  return sharding.mesh_sizes(mesh)
+
+
+def check_backend(backend: str, mesh: Mesh | None) -> None:
+  """A kernel backend's pallas_call inside a GSPMD-partitioned jit is rejected by Mosaic
+  (it needs shard_map, not wired for training yet): say so before compiling."""
+  if mesh is not None and mesh.size > 1 and backend not in ("xla", "auto"):
+    raise TrainError(f"--backend {backend} does not run gate training on a mesh of {mesh.size} "
+                     "devices yet (its kernels are not wired under shard_map); use --backend "
+                     "xla with --mesh, or one device")
+
+
+def frozen_shardings(state: dict, mesh: Mesh, config: ModelConfig | None = None):
+  """NamedShardings of the frozen weights (the stacked model's plain state dict, layers
+  [L, ...]) by the training rules; gates and optimizer state stay replicated."""
+  try:
+    return sharding.param_shardings(state, mesh, "training", config=config)
+  except sharding.ShardingError as e:
+    raise TrainError(str(e)) from e
+
+
+def restore_shardings(config: ModelConfig, mesh: Mesh):
+  """Where a checkpoint restore should put the plain params (per-layer list) for training
+  on `mesh`: the training rules' shardings (None on one device: restore as usual). With
+  them no device holds the whole model; `build_step` stacks the layers on the mesh."""
+  if mesh.size == 1:
+    return None
+  try:
+    return sharding.config_param_shardings(config, mesh, "training")
+  except sharding.ShardingError as e:
+    raise TrainError(str(e)) from e
+
+
+def _stacked(params, dtype, mesh: Mesh):
+  """Per-layer params -> cast to dtype and stacked [L, ...]. Params already spread over
+  `mesh` (restored into `restore_shardings`) are stacked by one jit whose outputs carry
+  the training shardings, so that no device ever holds the whole model either; others
+  (host arrays, one device) are stacked where they are and placed afterwards."""
+  fn = lambda p: llama.stack_layers(jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), p))
+  leaves = jax.tree_util.tree_leaves(params)
+  if mesh.size == 1 or not all(isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
+                               and x.sharding.mesh == mesh for x in leaves):
+    return fn(params)
+  out = sharding.param_shardings(jax.eval_shape(fn, params), mesh, "training")
+  return jax.jit(fn, out_shardings=out)(params)
+
+
+def batch_shardings(mesh: Mesh, shape) -> tuple[NamedSharding, NamedSharding]:
+  """(tokens and loss mask [B, T], lengths [B]): batch over data (and fsdp where it
+  divides), tokens over sequence."""
+  spec = sharding.spec_for(("batch", "length"), shape, mesh, "training", notes=[])
+  return NamedSharding(mesh, spec), NamedSharding(mesh, P(spec[0]))
 
 
 def global_put(tree, sharding):
@@ -333,29 +425,14 @@ def global_put(tree, sharding):
     return jax.device_put(tree, sharding)
 
   def one(x, sh):
+    if isinstance(x, jax.Array) and x.sharding == sh:  # already there (restored onto the mesh)
+      return x
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
 
   if isinstance(sharding, jax.sharding.Sharding):
     return jax.tree_util.tree_map(lambda x: one(x, sharding), tree)
   return jax.tree_util.tree_map(one, tree, sharding)
-
-
-def shard_params(params, mesh: Mesh):
-  n = mesh.shape["data"]
-  put = lambda first: lambda x: global_put(x, NamedSharding(mesh, fsdp_spec(x.shape, n, first)))
-  # stacked layers are scanned over axis 0: never shard that one
-  layers = jax.tree_util.tree_map(put(1 if isinstance(params["layers"], dict) else 0),
-                                  params["layers"])
-  rest = {k: jax.tree_util.tree_map(put(0), v) for k, v in params.items() if k != "layers"}
-  return {**rest, "layers": layers}
-
-
-def shard_state(state: dict, mesh: Mesh) -> dict:
-  """`shard_params` for a stacked model's plain state dict (layers scanned over axis 0)."""
-  n = mesh.shape["data"]
-  put = lambda first: lambda x: global_put(x, NamedSharding(mesh, fsdp_spec(x.shape, n, first)))
-  return {k: jax.tree_util.tree_map(put(1 if k == "layers" else 0), v) for k, v in state.items()}
 
 
 # -- data ---------------------------------------------------------------------------
@@ -424,16 +501,106 @@ def restore_state(directory: Path, template: TrainState, mesh: Mesh) -> TrainSta
   return TrainState(tree["gates"], tree["opt_state"], int(tree["step"]))
 
 
+# -- one step on a mesh -------------------------------------------------------------------
+
+@dataclasses.dataclass
+class GateStep:
+  """One compiled gate-training step on a mesh, with the frozen weights placed there.
+
+  step(gates, opt_state, tokens, lengths, loss_mask) -> (gates, opt_state, metrics,
+  grads): gates and opt_state as `TrainState.gate_state` / `.opt_state`, replicated;
+  host arrays tokens / loss_mask [B, T], lengths [B] are placed (and T padded to a
+  multiple of the sequence axis) here. grads: d loss / d gates, before the optimizer.
+  """
+  mesh: Mesh
+  graphdef: object
+  frozen: dict  # the stacked model's frozen state, sharded by the training rules
+  fn: Callable
+  opt: optax.GradientTransformation
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def place_state(self, state: "TrainState") -> tuple:
+    return global_put(state.gate_state, self.replicated), global_put(state.opt_state,
+                                                                     self.replicated)
+
+  def place_batch(self, tokens, lengths, loss_mask) -> tuple:
+    n = _sizes(self.mesh)["sequence"]
+    t = np.shape(tokens)[1]
+    if t % n:  # padding past every row's length changes nothing (masked keys, no loss)
+      pad = ((0, 0), (0, round_up(t, n) - t))
+      tokens, loss_mask = np.pad(np.asarray(tokens), pad), np.pad(np.asarray(loss_mask), pad)
+    rows, ones = batch_shardings(self.mesh, np.shape(tokens))
+    return (global_put(np.asarray(tokens, np.int32), rows),
+            global_put(np.asarray(lengths, np.int32), ones),
+            global_put(np.asarray(loss_mask, bool), rows))
+
+  def __call__(self, gates, opt_state, tokens, lengths, loss_mask):
+    tokens, lengths, loss_mask = self.place_batch(tokens, lengths, loss_mask)
+    return self.fn(gates, opt_state, self.frozen, tokens, lengths, loss_mask)
+
+
+def build_step(params, config: ModelConfig, cfg: GateTrainConfig, mesh: Mesh | None = None,
+               backend: str = "xla") -> tuple[GateStep, "TrainState"]:
+  """The frozen model split, placed on `mesh` by the training rules, and its step jitted.
+
+  params: the plain params dict (per-layer list; any dtype: cast to cfg.dtype), on the host,
+  one device, or already on `mesh` (restored into `restore_shardings(config, mesh)`: then
+  no device holds the whole model at any point). Returns (step, the initial TrainState).
+  """
+  mesh = make_mesh(1) if mesh is None else mesh
+  sizes = _sizes(mesh)
+  check_backend(backend, mesh)
+  if cfg.batch_size % sizes["data"]:
+    ok = ", ".join(str(d) for d in range(1, cfg.batch_size + 1) if cfg.batch_size % d == 0)
+    raise TrainError(f"--batch-size {cfg.batch_size} is not divisible by the data axis "
+                     f"({sizes['data']}); data sizes that divide it: {ok} (or raise "
+                     "--batch-size)")
+  dtype = jnp.dtype(cfg.dtype)
+  opt = make_optimizer(cfg)
+  state = init_state(config, cfg, opt)
+  # The frozen model with stacked layers (one scanned Block) and Gate variables: split
+  # once; the step differentiates the Gate state and merges both inside its trace.
+  params = _stacked(params, dtype, mesh)
+  graphdef, gate_vars, frozen = nnx.split(Llama(config, params, gates=state.gates), Gate, ...)
+  del params
+  if jax.tree_util.tree_structure(nnx.to_pure_dict(gate_vars)) != jax.tree_util.tree_structure(
+      state.gate_state):
+    raise TrainError("the model's Gate state does not have the layout of duo.gate_state")
+  frozen = nnx.to_pure_dict(frozen)
+  frozen = global_put(frozen, frozen_shardings(frozen, mesh, config))
+  on_mesh = mesh if mesh.size > 1 else None  # one device: today's program exactly
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step_fn(gates, opt_state, frozen, tokens, lengths, loss_mask):
+    def loss_fn(gs):
+      return model_gate_loss(nnx.merge(graphdef, gs, frozen), tokens, lengths, loss_mask,
+                             sink=cfg.sink, recent=cfg.recent, reg=cfg.reg, student=cfg.student,
+                             remat=cfg.remat, backend=backend, mesh=on_mesh)
+    (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(gates)
+    aux = {"distill": aux["distill"], "reg": aux["reg"]}
+    updates, opt_state = opt.update(g, opt_state, gates)
+    gates = jax.tree_util.tree_map(lambda x: jnp.clip(x, 0.0, 1.0),
+                                   optax.apply_updates(gates, updates))
+    return gates, opt_state, {"loss": loss, **aux}, g
+
+  return GateStep(mesh, graphdef, frozen, step_fn, opt), state
+
+
 # -- the loop ----------------------------------------------------------------------------
 
 def train_gates(params, config: ModelConfig, tokenizer, hay, cfg: GateTrainConfig,
-                out: Path, mesh: Mesh | None = None, resume: bool = False,
+                out: Path, mesh: Mesh | str | int | None = None, resume: bool = False,
                 backend: str = "xla", stop_after: int | None = None,
                 progress: bool = True, log: Callable[[dict], None] | None = None,
                 stop: threading.Event | None = None):
   """Trains gates; checkpoints into out/checkpoints, logs into out/log.jsonl.
 
-  params: frozen weights (any dtype; cast to cfg.dtype). stop_after: return
+  params: frozen weights (any dtype; cast to cfg.dtype). mesh: a Mesh (make_mesh), a
+  spec for make_mesh ("data=2,fsdp=2,tensor=2", or an int for data), or None (one
+  device). stop_after: return
   after that many steps in total (tests use it to simulate a kill). stop: once set (a Ctrl-C
   handler sets it), training ends after the step in flight and saves that step first, so an
   interrupt never lands inside orbax's writer threads and no finished step is lost.
@@ -442,10 +609,7 @@ def train_gates(params, config: ModelConfig, tokenizer, hay, cfg: GateTrainConfi
   from duojax.data.passkey import MultiPasskeyConfig
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  mesh = mesh or make_mesh(1)
-  n_data = mesh.shape["data"]
-  if cfg.batch_size % n_data:
-    raise TrainError(f"--batch-size {cfg.batch_size} is not divisible by the data axis ({n_data})")
+  mesh = mesh if isinstance(mesh, Mesh) else make_mesh(1 if mesh is None else mesh)
   if len(hay) < cfg.max_len:
     raise TrainError(f"the haystack has {len(hay)} tokens, fewer than --max-len {cfg.max_len}; "
                      "give a longer haystack or lower --max-len")
@@ -455,42 +619,17 @@ def train_gates(params, config: ModelConfig, tokenizer, hay, cfg: GateTrainConfi
   data_cfg = MultiPasskeyConfig(
       num_passkeys=cfg.num_passkeys, passkey_words=cfg.passkey_words, min_len=cfg.min_len,
       max_len=cfg.max_len, len_intervals=cfg.len_intervals, seed=cfg.seed)
-  dtype = jnp.dtype(cfg.dtype)
-  opt = make_optimizer(cfg)
-  state = init_state(config, cfg, opt)
-  # The frozen model with stacked layers (one scanned Block) and Gate variables: split
-  # once; the step differentiates the Gate state and merges both inside its trace.
-  params = llama.stack_layers(jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params))
-  graphdef, gate_vars, frozen = nnx.split(Llama(config, params, gates=state.gates), Gate, ...)
+  step_fn, state = build_step(params, config, cfg, mesh, backend)
   del params
-  if jax.tree_util.tree_structure(nnx.to_pure_dict(gate_vars)) != jax.tree_util.tree_structure(
-      state.gate_state):
-    raise TrainError("the model's Gate state does not have the layout of duo.gate_state")
-  frozen = shard_state(nnx.to_pure_dict(frozen), mesh)
   ckpt_dir = out / "checkpoints"
   if resume:
     state = restore_state(ckpt_dir, state, mesh)
   elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
     raise TrainError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue or use a "
                      "new --out")
-  repl = NamedSharding(mesh, P())
-  batch_sh = NamedSharding(mesh, P("data"))
+  repl = step_fn.replicated
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step_fn(gates, opt_state, frozen, tokens, lengths, loss_mask):
-    def loss_fn(gs):
-      return model_gate_loss(nnx.merge(graphdef, gs, frozen), tokens, lengths, loss_mask,
-                             sink=cfg.sink, recent=cfg.recent, reg=cfg.reg, student=cfg.student,
-                             remat=cfg.remat, backend=backend)
-    (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(gates)
-    aux = {"distill": aux["distill"], "reg": aux["reg"]}
-    updates, opt_state = opt.update(g, opt_state, gates)
-    gates = jax.tree_util.tree_map(lambda x: jnp.clip(x, 0.0, 1.0),
-                                   optax.apply_updates(gates, updates))
-    return gates, opt_state, {"loss": loss, **aux}
-
-  gates = global_put(state.gate_state, repl)
-  opt_state = global_put(state.opt_state, repl)
+  gates, opt_state = step_fn.place_state(state)
   mgr = _manager(ckpt_dir, cfg)
   # one writer: every process of a multi-host run computes the same record
   log_f = open(out / "log.jsonl", "a") if jax.process_index() == 0 else None
@@ -504,8 +643,7 @@ def train_gates(params, config: ModelConfig, tokenizer, hay, cfg: GateTrainConfi
   try:
     while step < end and not (stop is not None and stop.is_set()):
       tokens, lengths, loss_mask = make_batch(hay, tokenizer, data_cfg, cfg, step)
-      tokens, lengths, loss_mask = (global_put(x, batch_sh) for x in (tokens, lengths, loss_mask))
-      gates, opt_state, m = step_fn(gates, opt_state, frozen, tokens, lengths, loss_mask)
+      gates, opt_state, m, _ = step_fn(gates, opt_state, tokens, lengths, loss_mask)
       step += 1
       rec = {"step": step, **{k: float(v) for k, v in m.items()},
              "lr": float(lr_schedule(cfg)(step - 1)), "tokens": int(tokens.shape[1]),

@@ -19,6 +19,7 @@ from flax import nnx
 
 from duojax.config import ModelConfig
 from duojax.model import modules as M
+from duojax.model import quant
 
 
 class _Graph:
@@ -99,15 +100,18 @@ def _layer_state(lp: dict) -> dict:
 
 
 def from_params(config: ModelConfig, params: dict, mask=None, *, reordered: bool = False,
-                splits=None) -> ModelHandle:
+                splits=None, weights_dtype: str = "bf16") -> ModelHandle:
   """A handle from the plain params dict (per-layer list); see `Llama.from_params`.
 
   The graphdef is built once per (config, pattern) and the state is the dict's
   arrays re-nested, so this is cheap enough to run per `generate` call.
+  weights_dtype: "int8" quantises the projections (model/quant.py) after the
+  heads are reordered (a QArray's scales would otherwise need reordering too).
   """
   if mask is not None and not reordered:
     from duojax.model.llama import apply_head_mask
     params = apply_head_mask(params, mask)
+  params = quant.quantize_params(params, weights_dtype)
   if isinstance(params.get("layers"), dict):
     raise ValueError("a handle serves per-layer params; unstack them (a list of layer dicts)")
   splits = M.splits_for(config, mask) if splits is None else tuple(splits)

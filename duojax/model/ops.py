@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from duojax.config import ModelConfig
+from duojax.model import quant  # weights may be qwix QArrays (int8/int4 weight-only)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -59,9 +60,9 @@ def apply_rope(x: jax.Array, pos: jax.Array, inv_freq: np.ndarray) -> jax.Array:
 
 def qkv(lp, h: jax.Array, config: ModelConfig, pos: jax.Array):
   """h [B, T, E] -> q [B, T, Hkv, G, D], k, v [B, T, Hkv, D] with RoPE applied."""
-  q = jnp.einsum("bte,ehgd->bthgd", h, lp["wq"])
-  k = jnp.einsum("bte,ehd->bthd", h, lp["wk"])
-  v = jnp.einsum("bte,ehd->bthd", h, lp["wv"])
+  q = quant.einsum("bte,ehgd->bthgd", h, lp["wq"])
+  k = quant.einsum("bte,ehd->bthd", h, lp["wk"])
+  v = quant.einsum("bte,ehd->bthd", h, lp["wv"])
   if config.attention_bias:
     q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
   if config.qk_norm:  # Qwen3 normalises each head's q and k over D, before RoPE
@@ -73,14 +74,14 @@ def qkv(lp, h: jax.Array, config: ModelConfig, pos: jax.Array):
 
 def out_proj(o: jax.Array, wo: jax.Array) -> jax.Array:
   """o [B, T, Hkv, G, D] -> [B, T, E]."""
-  return jnp.einsum("bthgd,hgde->bte", o, wo)
+  return quant.einsum("bthgd,hgde->bte", o, wo)
 
 
 def swiglu(lp, h: jax.Array) -> jax.Array:
   """h [B, T, E] (already normalised) -> [B, T, E]."""
-  g = jnp.einsum("bte,ef->btf", h, lp["w_gate"])
-  u = jnp.einsum("bte,ef->btf", h, lp["w_up"])
-  return jnp.einsum("btf,fe->bte", jax.nn.silu(g) * u, lp["w_down"])
+  g = quant.einsum("bte,ef->btf", h, lp["w_gate"])
+  u = quant.einsum("bte,ef->btf", h, lp["w_up"])
+  return quant.einsum("btf,fe->bte", jax.nn.silu(g) * u, lp["w_down"])
 
 
 def mlp(lp, x: jax.Array, config: ModelConfig) -> jax.Array:
@@ -91,5 +92,5 @@ def mlp(lp, x: jax.Array, config: ModelConfig) -> jax.Array:
 def lm_logits(hidden: jax.Array, lm_head: jax.Array | None, embed: jax.Array) -> jax.Array:
   """hidden [..., E] (after the final norm) -> fp32 logits [..., V]; tied when lm_head is None."""
   if lm_head is not None:
-    return jnp.einsum("...e,ev->...v", hidden, lm_head, preferred_element_type=jnp.float32)
+    return quant.einsum("...e,ev->...v", hidden, lm_head, preferred_element_type=jnp.float32)
   return jnp.einsum("...e,ve->...v", hidden, embed, preferred_element_type=jnp.float32)

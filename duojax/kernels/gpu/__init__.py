@@ -12,6 +12,10 @@ with `backend_ops("gpu")` when it is first used:
   streaming_decode  streaming heads, one token: sink + ring + the new token (decode.py)
   duo_decode        a DuoAttention layer, one token: both of the above in one launch,
                     merged straight into the layer's output (decode.py)
+  full_chunk_partial, full_decode_partial
+                    the retrieval heads' ops returning the softmax state (m, l, acc)
+                    instead of the output: context-parallel attention's per-device ops
+                    (duojax/context_parallel.py)
 Gate training's whole-sequence ops (`dense_causal`, `dense_streaming`) need
 gradients, which jax-triton calls do not have: they stay on the XLA reference.
 
@@ -29,10 +33,11 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["full_chunk", "streaming_chunk", "full_decode", "streaming_decode", "duo_decode",
-           "OPS", "backend_ops"]
+           "full_chunk_partial", "full_decode_partial", "OPS", "backend_ops"]
 
 _OP_HOME = {"full_chunk": "prefill", "streaming_chunk": "prefill", "full_decode": "decode",
-            "streaming_decode": "decode", "duo_decode": "decode"}
+            "streaming_decode": "decode", "duo_decode": "decode",
+            "full_chunk_partial": "prefill", "full_decode_partial": "decode"}
 _MODULES = ("decode", "prefill", "tokamax_chunk", "launch")
 
 

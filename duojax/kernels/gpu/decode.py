@@ -14,6 +14,11 @@ full_decode  the retrieval heads over their whole cache: flash-decoding. The
 streaming_decode  the streaming heads over sink + ring slots and the new token:
              W = sink + recent keys, one program per (h, b).
 
+`full_decode(..., return_partial=True)` skips the combine kernel and merges the NS
+split partials in jnp into one softmax state (m, l, acc) in natural-log units
+(`merge_splits`): the per-device op of context-parallel attention, whose merge across
+devices is the same split-K merge one level up (duojax/context_parallel.py).
+
 Plain-jnp references: `duojax.attention.reference.full_chunk_attention` and
 `streaming_chunk_attention` (same signatures, T == 1).
 """
@@ -347,16 +352,45 @@ def stream_decode_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None):
 
 # -- the ops (dispatch signatures) ----------------------------------------------------
 
-def full_decode(q, k_cache, v_cache, q_pos, kv_len):
+def full_decode(q, k_cache, v_cache, q_pos, kv_len, *, return_partial: bool = False):
   """Retrieval heads, one token per row. q [B, 1, H, G, D]; k/v_cache [B, S, H, D];
-  q_pos [B, 1]; kv_len [B]. Reads keys [0, min(kv_len, q_pos + 1)) of each row."""
+  q_pos [B, 1]; kv_len [B]. Reads keys [0, min(kv_len, q_pos + 1)) of each row.
+
+  return_partial: instead of the output, the softmax state of those keys, (m, l
+  [B, 1, H, G], acc [B, 1, H, G, D]) in fp32 (`merge_splits`); q_pos may be negative
+  (the row sees no key: m = -inf, l = 0)."""
   import jax.numpy as jnp
   dt = k_cache.dtype  # computed in the cache's dtype (a cast of q is cheap, of the cache not)
   split, combine = full_decode_plans(q.shape, k_cache.shape, dt)
   op, mp, lp = split.jax(q.astype(dt), k_cache, v_cache.astype(dt), q_pos.astype(jnp.int32),
                          kv_len.astype(jnp.int32))
+  if return_partial:
+    return merge_splits(op, mp, lp)
   (out,) = combine.jax(op, mp, lp)
   return out.astype(q.dtype)
+
+
+def full_decode_partial(q, k_cache, v_cache, q_pos, kv_len):
+  """`full_decode(..., return_partial=True)` under the op table's name."""
+  return full_decode(q, k_cache, v_cache, q_pos, kv_len, return_partial=True)
+
+
+def merge_splits(op, mp, lp):
+  """The split kernel's partials -> one softmax state per query head, what
+  `_combine_kernel` computes before its division, in jnp.
+
+  op [B, H, NS, G, D] unnormalised, mp / lp [B, H, NS, G] (base 2: m is the max of
+  logit * log2(e)) -> (m, l [B, 1, H, G], acc [B, 1, H, G, D]) fp32 in natural units:
+  exp2(s2 - m2) = exp(s - m2 / log2(e)), so l and acc carry over and only m is rescaled.
+  An empty split has m = -inf and weighs 0; a row with no key gets m = -inf, l = 0.
+  """
+  import jax.numpy as jnp
+  m2 = jnp.max(mp, axis=2)  # [B, H, G]
+  w = jnp.exp2(mp - jnp.where(jnp.isfinite(m2), m2, 0.0)[:, :, None])  # exp2(-inf) = 0
+  l = jnp.sum(w * lp, axis=2)
+  acc = jnp.sum(w[..., None] * op, axis=2)  # elementwise: no TF32 matmul on the way
+  m = jnp.where(l > 0, m2 / LOG2E, -jnp.inf)
+  return m[:, None], l[:, None], acc[:, None]
 
 
 def slot_positions(slot_pos, slot_valid):

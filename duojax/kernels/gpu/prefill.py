@@ -85,12 +85,14 @@ def _q_tile(Q, pid_m, h, b, SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.conste
 
 
 @triton.jit
-def _full_chunk_kernel(Q, K, V, QPOS, KVLEN, OUT,
-                       SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
-                       SQG: tl.constexpr, SKB: tl.constexpr, SKS: tl.constexpr,
-                       SKH: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                       BD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+def _full_chunk_tile(Q, K, V, QPOS, KVLEN,
+                     SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
+                     SQG: tl.constexpr, SKB: tl.constexpr, SKS: tl.constexpr,
+                     SKH: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                     BD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+  """Program (m, h, b)'s tile over its visible keys: (acc, m_i, l_i) unnormalised (base 2;
+  m_i = 0 where a row saw nothing, l_i = 0 there), with the tile's qoff and rmask."""
   h = tl.program_id(1)
   b = tl.program_id(2)
   q, tok, rmask, qoff = _q_tile(Q, tl.program_id(0), h, b, SQB, SQT, SQH, SQG, T, G, D, BD,
@@ -130,9 +132,42 @@ def _full_chunk_kernel(Q, K, V, QPOS, KVLEN, OUT,
                                   SKS, offs_d, dmask, QK_SCALE, IEEE, True)
     kp += BLOCK_N * SKS
     vp += BLOCK_N * SKS
+  return acc, m_i, l_i, qoff, rmask
+
+
+@triton.jit
+def _full_chunk_kernel(Q, K, V, QPOS, KVLEN, OUT,
+                       SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
+                       SQG: tl.constexpr, SKB: tl.constexpr, SKS: tl.constexpr,
+                       SKH: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                       BD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+  acc, m_i, l_i, qoff, rmask = _full_chunk_tile(Q, K, V, QPOS, KVLEN, SQB, SQT, SQH, SQG, SKB,
+                                                SKS, SKH, T, G, D, BD, BLOCK_M, BLOCK_N,
+                                                QK_SCALE, IEEE)
+  offs_d = tl.arange(0, BD)
   out = acc / tl.maximum(l_i, 1e-30)[:, None]
   tl.store(OUT + qoff[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
-           mask=rmask[:, None] & dmask[None, :])
+           mask=rmask[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _full_chunk_partial_kernel(Q, K, V, QPOS, KVLEN, ACC, M, L,
+                               SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
+                               SQG: tl.constexpr, SKB: tl.constexpr, SKS: tl.constexpr,
+                               SKH: tl.constexpr, T: tl.constexpr, G: tl.constexpr,
+                               D: tl.constexpr, BD: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr,
+                               IEEE: tl.constexpr):
+  """The same tile, stored unnormalised: ACC [B, T, H, G, D] (q's layout, so q's offsets),
+  M / L [B, T, H, G] fp32 (offset qoff // SQG: q is contiguous, SQG = D)."""
+  acc, m_i, l_i, qoff, rmask = _full_chunk_tile(Q, K, V, QPOS, KVLEN, SQB, SQT, SQH, SQG, SKB,
+                                                SKS, SKH, T, G, D, BD, BLOCK_M, BLOCK_N,
+                                                QK_SCALE, IEEE)
+  offs_d = tl.arange(0, BD)
+  tl.store(ACC + qoff[:, None] + offs_d[None, :], acc, mask=rmask[:, None] & (offs_d[None, :] < D))
+  tl.store(M + qoff // SQG, m_i, mask=rmask)
+  tl.store(L + qoff // SQG, l_i, mask=rmask)
 
 
 @triton.jit
@@ -208,14 +243,20 @@ def _block_m(g: int, cfg) -> int:
   return max(cfg["block_m"], next_pow2(g), 16)
 
 
-def full_chunk_plan(q_shape, k_shape, dtype, cfg=None):
-  """q [B, T, H, G, D]; k/v cache [B, S, H, D]."""
+def full_chunk_plan(q_shape, k_shape, dtype, cfg=None, partial: bool = False):
+  """q [B, T, H, G, D]; k/v cache [B, S, H, D]. partial: the kernel that stores the
+  unnormalised (acc [B, T, H, G, D], m, l [B, T, H, G]) in fp32 instead of the output."""
   cfg = cfg or FULL_CHUNK_CONFIG
   b, t, h, g, d = q_shape
   bm = _block_m(g, cfg)
   sq, sk = strides(q_shape), strides(k_shape)
+  outs = ((tuple(q_shape), dtype_name(dtype)),)
+  if partial:
+    outs = ((tuple(q_shape), "float32"), (tuple(q_shape[:4]), "float32"),
+            (tuple(q_shape[:4]), "float32"))
   return Launch(
-      _full_chunk_kernel, (cdiv(t, bm // g), h, b), ((tuple(q_shape), dtype_name(dtype)),),
+      _full_chunk_partial_kernel if partial else _full_chunk_kernel, (cdiv(t, bm // g), h, b),
+      outs,
       dict(SQB=sq[0], SQT=sq[1], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], T=t, G=g,
            D=d, BD=max(16, next_pow2(d)), BLOCK_M=bm, BLOCK_N=cfg["block_n"],
            QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32"),
@@ -240,24 +281,41 @@ def stream_chunk_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None):
 
 # -- the ops (dispatch signatures) ----------------------------------------------------
 
-def full_chunk(q, k_cache, v_cache, q_pos, kv_len):
+def full_chunk(q, k_cache, v_cache, q_pos, kv_len, *, return_partial: bool = False):
   """Retrieval heads: q [B, T, H, G, D] over k/v_cache [B, S, H, D] (slot j =
   position j); key j visible iff j < kv_len[b] and j <= q_pos[b, t].
 
   Through tokamax's Mosaic GPU kernel when it is installed and takes the shape
-  (faster on Hopper, see tokamax_chunk.py), else the Triton kernel below."""
+  (faster on Hopper, see tokamax_chunk.py), else the Triton kernel below.
+  return_partial: the softmax state instead (see `triton_full_chunk`); always the
+  Triton kernel, whose state we can store."""
+  if return_partial:
+    return triton_full_chunk(q, k_cache, v_cache, q_pos, kv_len, return_partial=True)
   out = tokamax_chunk.full_chunk(q, k_cache, v_cache, q_pos, kv_len)
   return out if out is not None else triton_full_chunk(q, k_cache, v_cache, q_pos, kv_len)
 
 
-def triton_full_chunk(q, k_cache, v_cache, q_pos, kv_len):
-  """`full_chunk` through our Triton kernel, whatever is installed."""
+def triton_full_chunk(q, k_cache, v_cache, q_pos, kv_len, *, return_partial: bool = False):
+  """`full_chunk` through our Triton kernel, whatever is installed.
+
+  return_partial: (m, l [B, T, H, G], acc [B, T, H, G, D]) in fp32 and natural-log units
+  (the kernel's base-2 max divided by log2(e)); m = -inf where a row sees no key (q_pos
+  may be negative), so partials of disjoint cache slices merge exactly."""
   import jax.numpy as jnp
   dt = k_cache.dtype  # computed in the cache's dtype (a cast of q is cheap, of the cache not)
-  plan = full_chunk_plan(q.shape, k_cache.shape, dt)
-  (out,) = plan.jax(q.astype(dt), k_cache, v_cache.astype(dt), q_pos.astype(jnp.int32),
-                    kv_len.astype(jnp.int32))
+  plan = full_chunk_plan(q.shape, k_cache.shape, dt, partial=return_partial)
+  res = plan.jax(q.astype(dt), k_cache, v_cache.astype(dt), q_pos.astype(jnp.int32),
+                 kv_len.astype(jnp.int32))
+  if return_partial:
+    acc, m2, l = res
+    return jnp.where(l > 0, m2 / LOG2E, -jnp.inf), l, acc
+  (out,) = res
   return out.astype(q.dtype)
+
+
+def full_chunk_partial(q, k_cache, v_cache, q_pos, kv_len):
+  """`full_chunk(..., return_partial=True)` under the op table's name."""
+  return full_chunk(q, k_cache, v_cache, q_pos, kv_len, return_partial=True)
 
 
 def streaming_chunk(q, slot_k, slot_v, slot_pos, slot_valid, k, v, q_pos, n_valid, sink, recent):

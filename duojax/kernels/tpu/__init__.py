@@ -10,6 +10,9 @@ The ops are also importable directly, each taking `interpret=`:
   full_chunk, streaming_chunk    prefill chunks (chunk_attention.py)
   full_decode, streaming_decode  one token per row, ragged lengths (decode_attention.py)
   dense_causal, dense_streaming  whole sequences with gradients, via splash (splash_dense.py)
+The chunk and decode ops take `return_partial=True` (softmax state (m, l, acc) instead of
+the output); the op table names those variants `*_partial` (full_chunk_partial, ...), the
+per-device ops of context-parallel attention (duojax/context_parallel.py).
 """
 
 from __future__ import annotations
@@ -31,9 +34,18 @@ _OPS = {"full_chunk": full_chunk, "streaming_chunk": streaming_chunk, "full_deco
         "dense_streaming": dense_streaming}
 
 
+_PARTIAL_OPS = ("full_chunk", "streaming_chunk", "full_decode", "streaming_decode")
+
+
 def ops(interpret: bool = False) -> dict:
-  """The backend's op table, in dispatch's names and signatures."""
-  return {name: functools.partial(fn, interpret=interpret) for name, fn in _OPS.items()}
+  """The backend's op table, in dispatch's names and signatures (plus `*_partial`)."""
+  table = {name: functools.partial(fn, interpret=interpret) for name, fn in _OPS.items()}
+  table.update({f"{name}_partial": functools.partial(_OPS[name], interpret=interpret,
+                                                     return_partial=True)
+                for name in _PARTIAL_OPS})
+  # these also read quantised caches (int8 / int4 codes + scales, dequantised in the kernel)
+  table["kv_quant"] = ("full_chunk", "streaming_chunk", "full_decode", "streaming_decode")
+  return table
 
 
 def chip_supported(device_kind: str) -> bool:

@@ -30,20 +30,24 @@ def _check(q):
 
 
 def full_decode(q, k_cache, v_cache, q_pos, kv_len, *, interpret: bool = False,
-                block_k: int | None = None, block_h: int | None = None):
-  """q [B, 1, H, G, D]; k_cache, v_cache [B, S, H, D]; q_pos [B, 1]; kv_len [B]."""
+                block_k: int | None = None, block_h: int | None = None,
+                return_partial: bool = False):
+  """q [B, 1, H, G, D]; k_cache, v_cache [B, S, H, D]; q_pos [B, 1]; kv_len [B].
+  return_partial: (m, l, acc) in fp32 instead (`chunk_attention.full_chunk`)."""
   _check(q)
   return chunk_attention.full_chunk(q, k_cache, v_cache, q_pos, kv_len, interpret=interpret,
                                     block_k=block_k, block_h=block_h,
-                                    max_keys=DECODE_MAX_KEYS)
+                                    max_keys=DECODE_MAX_KEYS, return_partial=return_partial)
 
 
 def streaming_decode(q, slot_k, slot_v, slot_pos, slot_valid, k, v, q_pos, n_valid, sink: int,
                      recent: int, *, interpret: bool = False, block_k: int | None = None,
-                     block_h: int | None = None):
-  """q [B, 1, H, G, D]; slots [B, W, H, D]; k, v [B, 1, H, D]; q_pos [B, 1]; n_valid [B]."""
+                     block_h: int | None = None, return_partial: bool = False):
+  """q [B, 1, H, G, D]; slots [B, W, H, D]; k, v [B, 1, H, D]; q_pos [B, 1]; n_valid [B].
+  return_partial: (m, l, acc) in fp32 instead."""
   _check(q)
   return chunk_attention.streaming_chunk(q, slot_k, slot_v, slot_pos, slot_valid, k, v, q_pos,
                                          n_valid, sink, recent, interpret=interpret,
                                          block_k=block_k, block_h=block_h,
-                                    max_keys=DECODE_MAX_KEYS)
+                                         max_keys=DECODE_MAX_KEYS,
+                                         return_partial=return_partial)
