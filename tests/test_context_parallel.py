@@ -113,19 +113,24 @@ def _oracle(q, k, v, q_pos, kv_len):
   return out
 
 
-def test_merge_exact_when_devices_hold_no_keys():
-  """Row 0 has keys only on device 0 and every logit near -300: the empty devices' max
-  must not stand in for a real one (exp(-300) is 0 in fp32). Row 1 sees nothing."""
-  need_devices()
-  mesh = sh.make_mesh("sequence=8")
+def _near_minus_300_inputs():
+  """Row 0: keys only in the first of 8 slices (length 3 of 64) and every logit near -300;
+  row 1 sees nothing. Returns numpy (q, k, v, q_pos, kv_len)."""
   r = np.random.default_rng(3)
   b, s, h, g, d = 2, 64, 1, 2, 4
   u = np.ones(d) / np.sqrt(d)
   k = u + 0.05 * r.standard_normal((b, s, h, d))
   q = -300 * np.sqrt(d) * u + 0.5 * r.standard_normal((b, 1, h, g, d))
   v = r.standard_normal((b, s, h, d))
-  q_pos = np.array([[40], [0]], np.int32)
-  kv_len = np.array([3, 0], np.int32)
+  return q, k, v, np.array([[40], [0]], np.int32), np.array([3, 0], np.int32)
+
+
+def test_merge_exact_when_devices_hold_no_keys():
+  """Row 0 has keys only on device 0 and every logit near -300: the empty devices' max
+  must not stand in for a real one (exp(-300) is 0 in fp32). Row 1 sees nothing."""
+  need_devices()
+  mesh = sh.make_mesh("sequence=8")
+  q, k, v, q_pos, kv_len = _near_minus_300_inputs()
   args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
   args += [jnp.asarray(q_pos), jnp.asarray(kv_len)]
   out = np.asarray(_jitted(mesh)(*args))
@@ -335,14 +340,7 @@ def test_kernel_partials_of_empty_slices_are_neg_inf(fast_interpret_compiles):
   empty slices' max would underflow the real terms)."""
   need_devices()
   mesh = sh.make_mesh("sequence=8")
-  r = np.random.default_rng(3)
-  b, s, h, g, d = 2, 64, 1, 2, 4
-  u = np.ones(d) / np.sqrt(d)
-  k = u + 0.05 * r.standard_normal((b, s, h, d))
-  q = -300 * np.sqrt(d) * u + 0.5 * r.standard_normal((b, 1, h, g, d))
-  v = r.standard_normal((b, s, h, d))
-  q_pos = np.array([[40], [0]], np.int32)
-  kv_len = np.array([3, 0], np.int32)
+  q, k, v, q_pos, kv_len = _near_minus_300_inputs()
   args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)] + [jnp.asarray(q_pos),
                                                               jnp.asarray(kv_len)]
   op = cp.kernel_partial_op("tpu-interpret")

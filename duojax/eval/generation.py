@@ -63,8 +63,9 @@ class GenSettings:
     chunk = min(s.prefill_chunk, round_up(longest, 16))
     # Slots for the padded prompt (a whole number of chunks) plus the answer.
     cap = round_up(round_up(longest, chunk) + s.max_new_tokens, 16)
-    if s.mesh is not None:  # each device of `sequence` holds an equal slice of the cache
-      cap = round_up(cap, int(s.mesh.shape.get("sequence", 1)))
+    if s.mesh is not None:  # every device holding a slice of the cache gets an equal one
+      from duojax.sharding import capacity_multiple
+      cap = round_up(cap, capacity_multiple(s.mesh))
     return dataclasses.replace(s, prefill_chunk=chunk, capacity=cap)
 
 
