@@ -277,10 +277,12 @@ def write_stream(c: StreamLayerCache, k: jax.Array, v: jax.Array, start: jax.Arr
 
 # -- reordering helpers used by the model ---------------------------------------------
 
-def split_heads(x: jax.Array, n_retrieval: int, axis: int):
-  """Retrieval heads lead (weights were reordered), so the split is a static slice."""
-  return (jax.lax.slice_in_dim(x, 0, n_retrieval, axis=axis),
-          jax.lax.slice_in_dim(x, n_retrieval, x.shape[axis], axis=axis))
+def split_heads(x, n_retrieval: int, axis: int):
+  """Retrieval heads lead (weights were reordered), so the split is a static slice (of
+  each buffer of a QuantKV: its scales and zeros share the head axis)."""
+  cut = lambda lo, hi: jax.tree_util.tree_map(
+      lambda a: jax.lax.slice_in_dim(a, lo, a.shape[axis] if hi is None else hi, axis=axis), x)
+  return cut(0, n_retrieval), cut(n_retrieval, None)
 
 
 # -- attention per cache kind (dispatch.attend routes by the cache's class) --------------
@@ -313,6 +315,8 @@ def attend_stream(c: StreamLayerCache, q, k, v, start, n_valid, backend):
 
 def _attend_duo_fused(fused, c: DuoLayerCache, q, k, v, start, n_valid):
   n_r = c.n_retrieval
+  if kv_quant.is_quantized(c.full.k):  # the new token as both parts will hold it, once
+    k, v = kv_quant.quantize(k, c.full.k.bits), kv_quant.quantize(v, c.full.v.bits)
   (kr, ks), (vr, vs) = (split_heads(x, n_r, 2) for x in (k, v))
   fc = write_full(c.full, kr, vr, start, n_valid)
   sc = c.stream
@@ -325,9 +329,11 @@ def _attend_duo_fused(fused, c: DuoLayerCache, q, k, v, start, n_valid):
 def attend_duo(c: DuoLayerCache, q, k, v, start, n_valid, backend):
   """Retrieval heads lead, so each part attends a static slice of the heads; a backend's
   fused `duo_decode` does both in one launch when decoding a plain streaming part."""
-  fused = dispatch.backend_ops(backend).get("duo_decode")
+  ops = dispatch.backend_ops(backend)
+  fused = ops.get("duo_decode")
+  quant = kv_quant.is_quantized(c.full.k)
   if (fused is not None and q.shape[1] == 1 and type(c.stream) is StreamLayerCache
-      and not kv_quant.is_quantized(c.full.k)):  # the fused kernels read plain caches
+      and (not quant or "duo_decode" in ops.get("kv_quant", ()))):
     return _attend_duo_fused(fused, c, q, k, v, start, n_valid)
   n_r = c.n_retrieval
   (qr, qs), (kr, ks), (vr, vs) = (split_heads(x, n_r, 2) for x in (q, k, v))

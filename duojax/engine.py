@@ -302,13 +302,26 @@ def handle_on_mesh(mesh, config: ModelConfig, params: dict, mask=None,
                    weights_dtype: str = "bf16") -> ModelHandle:
   """A handle from params already on `mesh` (a restore into `param_shardings_for`): the
   head reorder for `mask` runs as one jit whose outputs keep those shardings (it moves KV
-  heads between tensor shards; an eager jnp.take could leave whole copies per device)."""
-  if mask is not None:
+  heads between tensor shards; an eager jnp.take could leave whole copies per device).
+  weights_dtype "int8": the same jit quantises the projections after the reorder (the
+  scales are per output channel, so they follow the reordered heads), its outputs sharded
+  by the rules for quantised weights (duojax.sharding: values as the bf16 weight, scales
+  replicated on their size-1 contracted axes): each device quantises its own shard (GSPMD
+  all-reduces the absmax where a contracted axis is split: wo, w_down), none the model."""
+  from duojax import sharding
+  from duojax.model import quant
+  if weights_dtype not in quant.WEIGHT_DTYPES:  # before compiling anything
+    quant.quantize_params(params, weights_dtype)  # raises, naming the choices
+  if mask is not None or weights_dtype != "bf16":
     from duojax.model.llama import apply_head_mask
-    params = jax.jit(lambda p: apply_head_mask(p, mask),
-                     out_shardings=param_shardings_for(mesh, config))(params)
-  return model_handle.from_params(config, params, mask, reordered=True,
-                                  weights_dtype=weights_dtype)
+
+    def prepare(p):
+      return quant.quantize_params(p if mask is None else apply_head_mask(p, mask),
+                                   weights_dtype)
+    out = sharding.param_shardings(jax.eval_shape(prepare, params), mesh, config=config)
+    params = jax.jit(prepare, out_shardings=out)(params)
+  # quantised above (from_params would quantise again, on whichever device holds it)
+  return model_handle.from_params(config, params, mask, reordered=True)
 
 
 def place_on_mesh(mesh, model, config: ModelConfig, cache: kvc.KVCache):

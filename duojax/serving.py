@@ -109,8 +109,9 @@ def load_model(ckpt: str | None = None, attention: str | None = None, pattern: s
   weights_dtype: "bf16" (the checkpoint's weights as loaded) or "int8" (weight-only, through
   qwix: duojax/model/quant.py).
   mesh: a jax Mesh (duojax.sharding.make_mesh) to serve on: every tensor is restored
-  straight into its inference sharding there (no whole copy on one device first); pass
-  the same mesh to `generate`.
+  straight into its inference sharding there (no whole copy on one device first), and int8
+  weights are quantised there, shard by shard (engine.handle_on_mesh); pass the same mesh
+  to `generate`.
   """
   ck = Checkpoint.open(ckpt, progress=progress)  # resolved and validated once
   config = ck.config

@@ -44,6 +44,13 @@ mesh; the MLP is ~80% of a Llama's weights. GSPMD inserts the reduction of w_dow
 (and the LM head's) partial sums over both axes; at decode the activations are
 [B, 1, E], so that extra all-reduce is small next to reading the weights. Training
 keeps `mlp` and `vocab` on `tensor` only (`sequence` splits the activations there).
+
+Quantised weights (`--weights-dtype int8`, duojax/model/quant.py) are qwix QArrays: an
+integer value array of the weight's shape and a scale with 1 on the contracted axes. The
+value takes the weight's sharding; the scale takes the same mesh axes on every dimension
+it shares with the weight and is replicated where it is 1 (one scale spans that whole
+dimension; there is nothing to split), so each device holds the scales of the output
+channels it computes and the int8 weights split exactly as the bf16 ones did.
 """
 
 from __future__ import annotations
@@ -346,24 +353,75 @@ def _param_names(path, shape) -> tuple[str, ...]:
   return names
 
 
+def _is_quantized(x) -> bool:
+  """A quantised weight (a qwix QArray: its integer `qvalue` and its `scale`), checked by
+  its fields so that bf16 models and this module need no qwix."""
+  return hasattr(x, "qvalue") and hasattr(x, "scale")
+
+
+def _is_param_leaf(x) -> bool:
+  return _is_shape(x) or _is_quantized(x)
+
+
+def _quantized_parts(q, value_rule, part_rule):
+  """A QArray with `value_rule(qvalue)` in place of its value leaf and `part_rule(leaf)`
+  in place of each other leaf (scale, zero point), through the QArray's own pytree node, so
+  the result has the params' tree structure (what device_put and jit's shardings need)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(q)
+  out = [value_rule(x) if any(getattr(k, "name", None) == "qvalue" for k in p) else part_rule(x)
+         for p, x in leaves]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _part_spec(value_spec: P, value_shape, shape, what: str, mesh: Mesh) -> P:
+  """A scale's (or zero point's) PartitionSpec from its weight's: the weight's mesh axes
+  on a dimension of the weight's size, replicated on a size-1 one (one scale spans it);
+  a per-group dimension (qwix subchannel scales) keeps the weight's axes where every shard
+  holds whole groups, else it is replicated."""
+  if len(shape) != len(value_shape):
+    raise ShardingError(f"{what}: a quantisation scale of shape {tuple(shape)} for a weight "
+                        f"of shape {tuple(value_shape)}; scales keep the weight's rank (1 on "
+                        "the contracted axes: duojax/model/quant.py)")
+  sizes = mesh_sizes(mesh)
+  out = []
+  for i, (n, d) in enumerate(zip(value_shape, shape)):
+    axes = dim_axes(value_spec, i)
+    split = math.prod(sizes[a] for a in axes)
+    keep = axes if d == n or (d > 1 and n % d == 0 and d % split == 0) else ()
+    out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+  return P(*out)
+
+
 def param_logical_axes(params):
-  """The params tree (arrays, ShapeDtypeStructs or shape tuples) -> logical names per leaf."""
-  return jax.tree_util.tree_map_with_path(lambda p, x: _param_names(p, _shape_of(x)), params,
-                                          is_leaf=_is_shape)
+  """The params tree (arrays, ShapeDtypeStructs or shape tuples) -> logical names per leaf.
+  A quantised weight's value has the weight's names; its scale None where it is 1."""
+  def one(p, x):
+    if not _is_quantized(x):
+      return _param_names(p, _shape_of(x))
+    names = _param_names(p, _shape_of(x.qvalue))
+    return _quantized_parts(x, lambda v: names, lambda s: tuple(
+        None if d == 1 != n else a for a, d, n in zip(names, _shape_of(s), _shape_of(x.qvalue))))
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_param_leaf)
 
 
 def param_specs(params, mesh: Mesh, mode: str = "inference",
                 strict: bool | Collection[str] = False, config=None):
-  """PartitionSpec per param. config: checks first that the mesh can hold the model."""
+  """PartitionSpec per param. config: checks first that the mesh can hold the model.
+  Quantised weights (QArrays) get one per leaf: see the module docstring."""
   if config is not None:
     check_fits(config, mesh)
   notes: list = []
 
   def one(path, x):
-    shape = _shape_of(x)
     what = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    if _is_quantized(x):
+      shape = _shape_of(x.qvalue)
+      spec = spec_for(_param_names(path, shape), shape, mesh, mode, strict, what, notes)
+      return _quantized_parts(x, lambda v: spec,
+                              lambda s: _part_spec(spec, shape, _shape_of(s), what, mesh))
+    shape = _shape_of(x)
     return spec_for(_param_names(path, shape), shape, mesh, mode, strict, what, notes)
-  out = jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_shape)
+  out = jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_param_leaf)
   _warn(_dedup_layers(notes))
   return out
 

@@ -266,3 +266,94 @@ def test_triton_partial_route_under_shard_map_gpu(t, dtype):
   assert not np.asarray(parts[1].l[:2]).any()
   merged = cp.finalize(cp.merge_partials(parts), jnp.float32)
   check(merged, want, dtype, valid_rows=live)
+
+
+# -- quantised caches (duojax.kv_quant): the kernels dequantise int8 / int4 tiles -------------
+# The reference dequantises the same codes (kv_quant.dequantize) before plain attention, so
+# the comparison isolates the kernels' unpacking (int4 nibbles), scales and zeros.
+
+def qrnd(shape, bits):
+  from duojax import kv_quant
+  return kv_quant.quantize(rnd(shape, jnp.float32), bits)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("h,g,d", [(2, 4, 128), (3, 3, 64), (4, 1, 64)])
+def test_quant_full_decode_gpu(bits, h, g, d):
+  b, s, dtype = 3, 5003, jnp.bfloat16
+  lens = jnp.asarray([5003, 1, 1700], jnp.int32)
+  q, k, v = rnd((b, 1, h, g, d), dtype), qrnd((b, s, h, d), bits), qrnd((b, s, h, d), bits)
+  q_pos = (lens - 1)[:, None]
+  out = jax.jit(kg.full_decode)(q, k, v, q_pos, lens)
+  check(out, reference.full_chunk_attention(*f32(q), k, v, q_pos, lens), dtype)
+  # the partial route (context parallel's per-device op) reads the same codes
+  m, l, acc = jax.jit(kg.full_decode_partial)(q, k, v, q_pos, lens)
+  check(acc / l[..., None], reference.full_chunk_attention(*f32(q), k, v, q_pos, lens), dtype)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("sink,recent", [(64, 256), (0, 19)])
+def test_quant_streaming_and_duo_decode_gpu(bits, sink, recent):
+  b, s, hr, hs, g, d, dtype = 4, 1500, 2, 2, 4, 128, jnp.bfloat16
+  w = sink + recent
+  lens = jnp.asarray([1500, 1, 333, w + 7], jnp.int32)  # after the new token
+  start = lens - 1
+  q = rnd((b, 1, hr + hs, g, d), dtype)
+  kc, vc = qrnd((b, s, hr, d), bits), qrnd((b, s, hr, d), bits)
+  sk, sv = qrnd((b, w, hs, d), bits), qrnd((b, w, hs, d), bits)
+  k, v = qrnd((b, 1, hr + hs, d), bits), qrnd((b, 1, hr + hs, d), bits)
+  pos, valid = kvc.stream_slot_positions(start, sink, recent)
+  n_valid = jnp.ones((b,), jnp.int32)
+  out = jax.jit(kg.duo_decode, static_argnums=(12, 13))(
+      q, kc, vc, start[:, None], lens, sk, sv, pos, valid, k, v, n_valid, sink, recent)
+  want = reference.duo_decode_attention(*f32(q), kc, vc, start[:, None], lens, sk, sv, pos,
+                                        valid, k, v, n_valid, sink, recent)
+  check(out, want, dtype)
+  ks, vs = (jax.tree_util.tree_map(lambda a: a[:, :, hr:], x) for x in (k, v))
+  out = jax.jit(kg.streaming_decode, static_argnums=(9, 10))(
+      q[:, :, hr:], sk, sv, pos, valid, ks, vs, start[:, None], n_valid, sink, recent)
+  want = reference.streaming_chunk_attention(*f32(q[:, :, hr:]), sk, sv, pos, valid, ks, vs,
+                                             start[:, None], n_valid, sink, recent)
+  check(out, want, dtype)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("h,g,d", [(2, 4, 128), (3, 3, 64)])
+def test_quant_chunks_gpu(bits, h, g, d):
+  """Prefill chunks over a quantised cache: the retrieval heads' (never through tokamax)
+  and the streaming heads', ragged rows."""
+  b, t, s, dtype = 3, 203, 1300, jnp.bfloat16
+  start = jnp.asarray([0, 701, 333], jnp.int32)
+  n_valid = jnp.asarray([203, 131, 7], jnp.int32)
+  q = rnd((b, t, h, g, d), dtype)
+  kc, vc = qrnd((b, s, h, d), bits), qrnd((b, s, h, d), bits)
+  q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+  kv_len = start + n_valid
+  live = np.asarray(jnp.arange(t)[None] < n_valid[:, None])
+  out = jax.jit(kg.full_chunk)(q, kc, vc, q_pos, kv_len)
+  check(out, reference.full_chunk_attention(*f32(q), kc, vc, q_pos, kv_len), dtype,
+        valid_rows=live)
+  sink, recent = 16, 37
+  w = sink + recent
+  sk, sv = qrnd((b, w, h, d), bits), qrnd((b, w, h, d), bits)
+  k, v = qrnd((b, t, h, d), bits), qrnd((b, t, h, d), bits)
+  pos, valid = kvc.stream_slot_positions(start, sink, recent)
+  out = jax.jit(kg.streaming_chunk, static_argnums=(9, 10))(
+      q, sk, sv, pos, valid, k, v, q_pos, n_valid, sink, recent)
+  want = reference.streaming_chunk_attention(*f32(q), sk, sv, pos, valid, k, v, q_pos, n_valid,
+                                             sink, recent)
+  check(out, want, dtype, valid_rows=live)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_quant_generate_gpu_vs_xla(kv_dtype):
+  """The whole model on a quantised cache: chunked prefill + the decode loop through the
+  kernels (the fused duo_decode included) give the reference's greedy tokens."""
+  config, params, mask = _model(jnp.float32)
+  rng = np.random.default_rng(2)
+  prompts = [list(rng.integers(3, config.vocab_size, n)) for n in (40, 9)]
+  a = engine.generate(params, config, prompts, 12, mask=mask, prefill_chunk=16, backend="gpu",
+                      kv_dtype=kv_dtype)
+  b = engine.generate(params, config, prompts, 12, mask=mask, prefill_chunk=16, backend="xla",
+                      kv_dtype=kv_dtype)
+  assert a.tokens == b.tokens

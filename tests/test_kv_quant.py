@@ -337,9 +337,3 @@ def test_infer_cli_kv_dtype(tiny_ckpt, capsys):
   assert infer.main(base + ["--attention", "streaming", "--compensation", "--kv-dtype",
                             "int4"]) == 2
   assert "--kv-dtype bf16" in capsys.readouterr().err
-
-
-def test_eval_cli_kv_dtype_for_ppl_says_what_works(tmp_path, capsys):
-  from duojax.eval.__main__ import main
-  assert main(["ppl", "--kv-dtype", "int8", "--out", str(tmp_path / "p.json")]) == 2
-  assert "--kv-dtype is wired for niah, mkniah and passkey" in capsys.readouterr().err

@@ -173,7 +173,9 @@ def duo_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   [B, 1, Hr + Hs, G, D].
   """
   hr = k_cache.shape[2]
+  # the streaming heads' new keys: a slice of every buffer (codes, scale, zero) if quantised
+  ks, vs = (jax.tree_util.tree_map(lambda a: a[:, :, hr:], x) for x in (k, v))
   full = full_chunk_attention(q[:, :, :hr], k_cache, v_cache, q_pos, kv_len)
   stream = streaming_chunk_attention(q[:, :, hr:], slot_k, slot_v, slot_pos, slot_valid,
-                                     k[:, :, hr:], v[:, :, hr:], q_pos, n_valid, sink, recent)
+                                     ks, vs, q_pos, n_valid, sink, recent)
   return jnp.concatenate([full, stream], axis=2)

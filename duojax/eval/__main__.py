@@ -5,6 +5,8 @@
   python -m duojax.eval mkniah --attention full,duo --keys 4 --lengths 4k,8k --out mk.json
   python -m duojax.eval passkey --attention full,duo,random --sparsity 0.5 --out pk.json
   python -m duojax.eval ppl --attention full,duo --lengths 2000,4000,8000 --out ppl.json
+  python -m duojax.eval ppl --attention full,duo --kv-dtype int4 --weights-dtype int8 \\
+      --lengths 2000,4000,8000 --out ppl_q.json   # quantised cache and weights, any task
   python -m duojax.eval influence ...   (duojax.eval.influence)
 
 --attention takes a comma list; duo and random expand over every --sparsity
@@ -55,8 +57,11 @@ def _common(ap: argparse.ArgumentParser, lengths: str) -> None:
   ap.add_argument("--prefill-chunk", type=int, default=1024)
   ap.add_argument("--kv-dtype", default=None, choices=("bf16", "fp32", "int8", "int4"),
                   help="KV cache storage: int8/int4 quantise per token per KV head (scale + "
-                       "zero, duojax.kv_quant); default: the compute dtype (niah, mkniah, "
-                       "passkey)")
+                       "zero, duojax.kv_quant); default: the compute dtype")
+  ap.add_argument("--weights-dtype", default="bf16", choices=("bf16", "int8"),
+                  help="bf16: the weights as loaded (in --dtype); int8: weight-only int8 "
+                       "projections through qwix (duojax/model/quant.py), quantised per "
+                       "method after its head reordering, as serving.load_model does")
   ap.add_argument("--mesh", default=None,
                   help="device mesh, e.g. tensor=3 or data=2,sequence=4 (axes data, tensor, "
                        "sequence; the sizes multiply to the device count); default: one "
@@ -116,16 +121,17 @@ def check_args(a) -> None:
   validate.at_least("--samples", a.samples, 1)
   for flag in ("max_new_tokens", "batch_size", "keys"):
     validate.at_least("--" + flag.replace("_", "-"), getattr(a, flag, None), 1)
-  if a.task == "ppl" and a.kv_dtype is not None:
-    raise validate.ArgumentError("--kv-dtype is wired for niah, mkniah and passkey, not ppl "
-                                 "yet; drop --kv-dtype for ppl")
+  quantised_kv = a.kv_dtype in ("int8", "int4")
+  comp = [m for m in a.attention.split(",") if m.strip().endswith("+comp")]
+  if quantised_kv and comp:
+    raise validate.ArgumentError(f"{comp[0]}: the compensation token is built for "
+                                 "unquantised caches only; drop +comp or use --kv-dtype bf16")
   if a.mesh:
     if a.task == "ppl":
       raise validate.ArgumentError("--mesh is wired for niah, mkniah and passkey, not ppl yet; "
                                    "drop --mesh for ppl")
     from duojax.eval.harness import parse_eval_mesh
     mesh = parse_eval_mesh(a.mesh)  # the product must match the devices, before any loading
-    comp = [m for m in a.attention.split(",") if m.strip().endswith("+comp")]
     if comp and mesh.shape["sequence"] > 1:
       raise validate.ArgumentError(f"{comp[0]}: the compensation token is not built for "
                                    "--mesh sequence>1; use sequence=1 (data/tensor) or drop "
@@ -154,30 +160,35 @@ def _run(a) -> dict:
                         a.answer if a.answer is not None else base.answer)
   progress = not a.no_progress
   mesh = harness.parse_eval_mesh(a.mesh)
-  model = harness.load_eval_model(a.ckpt, a.pattern, a.dtype, progress=progress, mesh=mesh)
+  model = harness.load_eval_model(a.ckpt, a.pattern, a.dtype, progress=progress, mesh=mesh,
+                                  weights_dtype=a.weights_dtype)
   loaded = {n: load_any(d) for n, d in named.items()}
   built = build_methods(methods, model.config, model.pattern, a.sink, a.recent, a.seed, loaded)
   hay, hay_path = harness.load_haystack_tokens(a.haystack, model.tokenizer)
   backend = resolve_backend(a.backend)
   if a.task == "ppl":
     doc = ppl.evaluate(model.params, model.config, hay, built, max(lengths),
-                       a.samples or 2, lengths[:-1], a.prefill_chunk, backend, progress=progress)
+                       a.samples or 2, lengths[:-1], a.prefill_chunk, backend, progress=progress,
+                       kv_dtype=a.kv_dtype, weights_dtype=model.weights_dtype)
     doc["settings"] = {"ckpt": model.name or str(model.ckpt), "haystack": hay_path,
                        "dtype": model.dtype, "pattern": model.pattern_source,
                        "device": harness.device_info(), "prefill_chunk": a.prefill_chunk,
-                       "patterns": named}
+                       "patterns": named, "kv_dtype": a.kv_dtype,
+                       "weights_dtype": model.weights_dtype}
     if a.plot:
       plots.ppl_bands(doc, a.plot)
   else:
     gen_kw = dict(max_new_tokens=a.max_new_tokens, prefill_chunk=a.prefill_chunk,
-                  batch_size=a.batch_size, backend=backend, kv_dtype=a.kv_dtype, mesh=mesh)
+                  batch_size=a.batch_size, backend=backend, kv_dtype=a.kv_dtype, mesh=mesh,
+                  weights_dtype=model.weights_dtype)
     doc = harness.run_retrieval(
         a.task, model, hay, built, lengths, depths, a.chat, gen_kw, a.samples or 1, a.seed,
         a.offset, needle=needle, variant=getattr(a, "variant", "numeric"),
         num_keys=a.keys if a.task == "mkniah" else getattr(a, "num_keys", 4),
         key_words=getattr(a, "key_words", 4),
         progress=progress, extra_settings={"haystack": hay_path, "patterns": named,
-                                           "kv_dtype": a.kv_dtype})
+                                           "kv_dtype": a.kv_dtype,
+                                           "weights_dtype": model.weights_dtype})
     if a.plot:
       metric = doc["plot_metric"]
       plots.heatmaps(doc["summary"][metric], a.plot, f"{a.task} ({model.config.name})",

@@ -145,6 +145,25 @@ def summarize(cells: list[dict], metric: str) -> dict:
 
 # -- running --------------------------------------------------------------------------
 
+def method_weights(params, mask, weights_dtype: str = "bf16"):
+  """The weights one method runs: `params` (stored head order) reordered for its mask,
+  then, for int8, quantised (duojax/model/quant.py). The order serving.load_model uses:
+  a QArray's per-channel scales would need reordering with its values otherwise."""
+  from duojax.model import quant
+  p = params if mask is None else llama.apply_head_mask(params, mask)
+  return quant.quantize_params(p, weights_dtype)
+
+
+def abstract_weights(params, weights_dtype: str = "bf16"):
+  """The shapes (ShapeDtypeStructs, QArrays for int8) of `method_weights`' result, for
+  compiling ahead of time without quantising anything."""
+  if weights_dtype == "bf16":
+    return params
+  import jax
+  from duojax.model import quant
+  return jax.eval_shape(lambda p: quant.quantize_params(p, weights_dtype), params)
+
+
 def run_grid(params, config, tokenizer, cells: list[Cell], methods: list[BuiltMethod],
              gen: GenSettings, dtype=None, progress: bool = True,
              on_batch: Callable[[str, list[dict]], None] | None = None,
@@ -154,7 +173,8 @@ def run_grid(params, config, tokenizer, cells: list[Cell], methods: list[BuiltMe
   params: the model's weights in their stored head order (each method reorders
   its own copy). programs: a dict to keep the compiled programs in across calls
   (None: compiled for this call; every method's pair is compiled up front, in
-  parallel: see generation.compile_programs). Returns (one dict per (method,
+  parallel: see generation.compile_programs). gen.weights_dtype "int8" runs each method
+  on its reordered weights quantised (`method_weights`). Returns (one dict per (method,
   cell), seconds per method, with "compile" the up-front compile time).
   """
   from tqdm.auto import tqdm
@@ -162,8 +182,9 @@ def run_grid(params, config, tokenizer, cells: list[Cell], methods: list[BuiltMe
   # Tests swap greedy_generate for a stand-in model: that one compiles nothing.
   real = greedy_generate is _GREEDY and params is not None
   if real:
-    programs = compile_programs(params, config, [(bm.mask, bm.method.compensation)
-                                                 for bm in methods], gen, dtype, programs)
+    programs = compile_programs(abstract_weights(params, gen.weights_dtype), config,
+                                [(bm.mask, bm.method.compensation) for bm in methods], gen,
+                                dtype, programs)
   kw = {"programs": programs} if real else {}
   compile_s = round(time.perf_counter() - t0, 2)
   order = sorted(range(len(cells)), key=lambda i: (cells[i].length, i))
@@ -172,7 +193,7 @@ def run_grid(params, config, tokenizer, cells: list[Cell], methods: list[BuiltMe
   bar = tqdm(total=len(cells) * len(methods), desc="cells", unit="cell", disable=not progress)
   for bm in methods:
     t0 = time.perf_counter()
-    p = params if bm.mask is None else llama.apply_head_mask(params, bm.mask)
+    p = params if params is None else method_weights(params, bm.mask, gen.weights_dtype)
     g = dataclasses.replace(gen, compensation=bm.method.compensation)
     for batch in batches:
       bar.set_postfix_str(f"{bm.method.name} {cells[batch[0]].length} tok")

@@ -33,6 +33,9 @@ class EvalModel:
   pattern: HeadPattern | None
   pattern_source: str | None
   dtype: str
+  # bf16: `params` as loaded; int8: each method quantises its reordered copy
+  # (grid.method_weights), so `params` stay in the loaded dtype and stored head order
+  weights_dtype: str = "bf16"
 
 
 def resolve_dtype(name: str | None) -> str:
@@ -45,15 +48,26 @@ def resolve_dtype(name: str | None) -> str:
 
 
 def load_eval_model(ckpt: str | None, pattern: str | None = None, dtype: str | None = "auto",
-                    progress: bool = True, mesh=None) -> EvalModel:
+                    progress: bool = True, mesh=None, weights_dtype: str = "bf16") -> EvalModel:
   """mesh: a jax Mesh to evaluate on (the weights are restored straight into their
-  shardings there; give the same mesh to GenSettings); None: one device."""
+  shardings there; give the same mesh to GenSettings); None: one device.
+
+  weights_dtype: bf16 or int8. The weights load unquantised either way: serving.load_model
+  quantises after reordering the heads for one mask, but an evaluation loads once and
+  every method reorders its own copy, which int8 QArrays (values and per-channel scales)
+  cannot be put through; so int8 is applied per method after its reorder
+  (grid.method_weights), giving what load_model(attention=that method,
+  weights_dtype="int8") serves."""
   from duojax.eval.methods import resolve_pattern
+  from duojax.model.quant import WEIGHT_DTYPES
   from duojax.serving import load_model
+  if weights_dtype not in WEIGHT_DTYPES:
+    raise ValueError(f"--weights-dtype {weights_dtype!r}: choose one of "
+                     f"{', '.join(WEIGHT_DTYPES)}")
   dt = resolve_dtype(dtype)
   m = load_model(ckpt, "full", dtype=getattr(jnp, dt), progress=progress, mesh=mesh)
   pat, src = resolve_pattern(m.ckpt, ckpt, pattern)
-  return EvalModel(m.config, m.params, m.tokenizer, m.ckpt, ckpt, pat, src, dt)
+  return EvalModel(m.config, m.params, m.tokenizer, m.ckpt, ckpt, pat, src, dt, weights_dtype)
 
 
 def default_haystack() -> str | None:

@@ -21,7 +21,7 @@ import numpy as np
 from duojax import cache as kvc
 from duojax.config import ModelConfig, round_up
 from duojax.data.haystack import HaystackTokens
-from duojax.eval.grid import check_haystack
+from duojax.eval.grid import abstract_weights, check_haystack, method_weights
 from duojax.eval.methods import BuiltMethod
 from duojax.model import llama
 
@@ -54,10 +54,12 @@ def _nll_step(params, config, tokens, targets, cache, n_valid, backend):
 
 
 def compile_steps(params, config: ModelConfig, shape: tuple[int, int], jobs, chunk: int,
-                  backend: str = "xla", dtype=None) -> dict:
+                  backend: str = "xla", dtype=None, kv_dtype: str | None = None) -> dict:
   """`_nll_step` compiled ahead of time for each (mask, compensation) in `jobs`,
   for windows of `shape` [B, T]: lowered one after another, XLA-compiled in a
   thread pool (a method each; compiles dominate a perplexity run on a GPU).
+  params: the weights as the methods run them (their shapes only: `abstract_weights`);
+  kv_dtype: the cache's storage (kvc.init_cache).
   Returns {(mask, compensation): executable} for `token_nll(compiled=...)`."""
   from concurrent.futures import ThreadPoolExecutor
   b, t = shape
@@ -71,7 +73,8 @@ def compile_steps(params, config: ModelConfig, shape: tuple[int, int], jobs, chu
     comp = bool(comp and mask is not None)
     if (mask, comp) in lowered:
       continue
-    cache = jax.eval_shape(lambda m=mask, c=comp: kvc.init_cache(config, b, padded, m, dtype, c))
+    cache = jax.eval_shape(lambda m=mask, c=comp: kvc.init_cache(config, b, padded, m, dtype, c,
+                                                                 kv_dtype))
     lowered[(mask, comp)] = _nll_step.lower(abstract, config, tok, tok, cache,
                                             jax.ShapeDtypeStruct((b,), jnp.int32), backend)
   if not lowered:
@@ -83,12 +86,13 @@ def compile_steps(params, config: ModelConfig, shape: tuple[int, int], jobs, chu
 
 def token_nll(params, config: ModelConfig, windows: np.ndarray, mask, chunk: int,
               backend: str = "xla", dtype=None, compensation: bool = False,
-              compiled=None) -> np.ndarray:
+              compiled=None, kv_dtype: str | None = None) -> np.ndarray:
   """windows int32 [B, T] -> nll [B, T - 1]: -log p(x[t+1] | x[:t+1]).
 
-  params must be reordered for `mask`; compensation: streaming heads keep the
-  compensation token; compiled: this method's entry of `compile_steps` (None: the
-  jitted step).
+  params must be reordered for `mask` (and may be int8: grid.method_weights);
+  compensation: streaming heads keep the compensation token; compiled: this method's
+  entry of `compile_steps` (None: the jitted step); kv_dtype: the cache's storage (None:
+  `dtype`; int8 / int4: quantised per token per KV head, as serving stores it).
   """
   b, t = windows.shape
   chunk = min(chunk, round_up(t, 16))
@@ -98,7 +102,7 @@ def token_nll(params, config: ModelConfig, windows: np.ndarray, mask, chunk: int
   targets = np.zeros_like(tokens)
   targets[:, :t - 1] = windows[:, 1:]
   cache = kvc.init_cache(config, b, padded, mask, dtype or params["embed"].dtype,
-                         compensation and mask is not None)
+                         compensation and mask is not None, kv_dtype)
   out = []
   for c0 in range(0, padded, chunk):
     n_valid = jnp.full((b,), max(0, min(chunk, t - c0)), jnp.int32)
@@ -119,8 +123,13 @@ def bands(length: int, edges: list[int]) -> list[tuple[int, int]]:
 
 def evaluate(params, config: ModelConfig, hay: HaystackTokens, methods: list[BuiltMethod],
              length: int, samples: int = 2, band_edges: list[int] | None = None,
-             chunk: int = 1024, backend: str = "xla", dtype=None, progress: bool = True) -> dict:
-  """Perplexity of each method on the same windows -> JSON-ready dict."""
+             chunk: int = 1024, backend: str = "xla", dtype=None, progress: bool = True,
+             kv_dtype: str | None = None, weights_dtype: str = "bf16") -> dict:
+  """Perplexity of each method on the same windows -> JSON-ready dict.
+
+  params: stored head order (each method reorders its own copy); kv_dtype: the cache's
+  storage (None: the compute dtype; int8 / int4 quantised); weights_dtype: bf16, or int8
+  (each method's reordered weights quantised, grid.method_weights)."""
   from tqdm.auto import tqdm
   if length < 2:
     raise ValueError(f"perplexity needs windows of >= 2 tokens, got {length}")
@@ -132,16 +141,16 @@ def evaluate(params, config: ModelConfig, hay: HaystackTokens, methods: list[Bui
   spans = bands(length, band_edges or [])
   rows, seconds = {}, {}
   t0 = time.perf_counter()
-  compiled = compile_steps(params, config, windows.shape,
+  compiled = compile_steps(abstract_weights(params, weights_dtype), config, windows.shape,
                            [(bm.mask, bm.method.compensation) for bm in methods], chunk, backend,
-                           dtype)
+                           dtype, kv_dtype)
   seconds["compile"] = round(time.perf_counter() - t0, 2)
   for bm in tqdm(methods, desc="ppl", unit="method", disable=not progress):
     t0 = time.perf_counter()
-    p = params if bm.mask is None else llama.apply_head_mask(params, bm.mask)
+    p = method_weights(params, bm.mask, weights_dtype)
     comp = bool(bm.method.compensation and bm.mask is not None)
     nll = token_nll(p, config, windows, bm.mask, chunk, backend, dtype, bm.method.compensation,
-                    compiled[(bm.mask, comp)]).astype(np.float64)
+                    compiled[(bm.mask, comp)], kv_dtype).astype(np.float64)
     del p
     seconds[bm.method.name] = round(time.perf_counter() - t0, 2)
     rows[bm.method.name] = {
@@ -150,4 +159,5 @@ def evaluate(params, config: ModelConfig, hay: HaystackTokens, methods: list[Bui
         "per_window": [math.exp(x) for x in nll.mean(axis=1)],
     }
   return {"task": "ppl", "length": length, "windows": offs, "results": rows, "seconds": seconds,
-          "methods": [bm.describe() for bm in methods]}
+          "methods": [bm.describe() for bm in methods], "kv_dtype": kv_dtype,
+          "weights_dtype": weights_dtype}

@@ -16,6 +16,10 @@ with `backend_ops("gpu")` when it is first used:
                     the retrieval heads' ops returning the softmax state (m, l, acc)
                     instead of the output: context-parallel attention's per-device ops
                     (duojax/context_parallel.py)
+Every op also reads a quantised cache (duojax.kv_quant: int8 or int4 codes with a scale
+and zero per token per KV head), dequantising its tiles in registers, so an int4 cache
+moves a quarter of bf16's bytes and nothing O(T) is materialised; the table lists them
+under "kv_quant" for dispatch.
 Gate training's whole-sequence ops (`dense_causal`, `dense_streaming`) need
 gradients, which jax-triton calls do not have: they stay on the XLA reference.
 
@@ -50,8 +54,10 @@ def _need_triton() -> None:
 
 def _ops() -> dict:
   _need_triton()
-  return {name: getattr(importlib.import_module(f"{__name__}.{mod}"), name)
-          for name, mod in _OP_HOME.items()}
+  ops = {name: getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+         for name, mod in _OP_HOME.items()}
+  ops["kv_quant"] = tuple(_OP_HOME)  # every kernel dequantises int8 / int4 caches itself
+  return ops
 
 
 def __getattr__(name: str):

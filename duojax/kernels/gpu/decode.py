@@ -30,7 +30,8 @@ import math
 import triton
 import triton.language as tl
 
-from duojax.kernels.gpu.launch import Launch, cdiv, dtype_name, next_pow2, strides
+from duojax.kernels.gpu.launch import (Launch, cdiv, dtype_name, kv_bits, kv_parts, kv_strides,
+                                       next_pow2, strides)
 
 # Tuning: the best of 36 (block_n, warps, stages, programs) variants at 128K tokens, 4 KV
 # heads, G = 4 on an H100 (infer/bench_kernels.py --variants; the top five were within 2%).
@@ -44,19 +45,66 @@ _FAR = 1 << 30  # position given to an empty streaming slot: never visible
 
 
 @triton.jit
-def _scan(q, kp, vp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
-          SKS: tl.constexpr, SVS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-          BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr,
-          STREAM: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr):
-  """Online softmax of q [GP, BD] over keys [lo, hi) at kp / vp (pointing at key lo).
+def load_kv(p, sp, zp, n, nmask, SROW: tl.constexpr, SSROW: tl.constexpr, D: tl.constexpr,
+             BD: tl.constexpr, BITS: tl.constexpr):
+  """Rows n [N] of a key or value buffer as [N, BD] values (0 where masked).
+
+  BITS 0: a plain buffer at p (row stride SROW), returned in its own dtype; sp / zp are
+  not read. BITS 8 / 4: codes at p (int8, or uint8 holding element i in the low nibble
+  of byte i and element i + D/2 in the high one: duojax/kv_quant.py), one fp32 scale and
+  zero per row at sp / zp (row stride SSROW), returned dequantised in fp32 (code * scale
+  + zero). An int4 byte is loaded by the two lanes that use it: the same DRAM traffic as
+  loading it once, with no interleave to undo.
+  """
+  offs_d = tl.arange(0, BD)
+  mask = nmask[:, None] & (offs_d < D)[None, :]
+  if BITS == 0:
+    x = tl.load(p + n[:, None] * SROW + offs_d[None, :], mask=mask, other=0.0)
+  else:
+    if BITS == 4:
+      low = offs_d < D // 2
+      byte = tl.where(low, offs_d, offs_d - D // 2)
+      raw = tl.load(p + n[:, None] * SROW + byte[None, :], mask=mask, other=0).to(tl.int32)
+      code = tl.where(low[None, :], raw & 15, raw >> 4)
+    else:
+      code = tl.load(p + n[:, None] * SROW + offs_d[None, :], mask=mask, other=0).to(tl.int32)
+    sc = tl.load(sp + n * SSROW, mask=nmask, other=0.0)
+    zr = tl.load(zp + n * SSROW, mask=nmask, other=0.0)
+    x = code.to(tl.float32) * sc[:, None] + zr[:, None]
+  return x
+
+
+@triton.jit
+def _load_row(p, sp, zp, D: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr):
+  """One row [BD] of a key or value buffer, as `load_kv` reads rows (fp32 if quantised)."""
+  offs_d = tl.arange(0, BD)
+  dmask = offs_d < D
+  if BITS == 0:
+    x = tl.load(p + offs_d, mask=dmask, other=0.0)
+  else:
+    if BITS == 4:
+      low = offs_d < D // 2
+      raw = tl.load(p + tl.where(low, offs_d, offs_d - D // 2), mask=dmask, other=0).to(tl.int32)
+      code = tl.where(low, raw & 15, raw >> 4)
+    else:
+      code = tl.load(p + offs_d, mask=dmask, other=0).to(tl.int32)
+    x = code.to(tl.float32) * tl.load(sp) + tl.load(zp)
+  return x
+
+
+@triton.jit
+def _scan(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
+          SKS: tl.constexpr, SVS: tl.constexpr, SSS: tl.constexpr, D: tl.constexpr,
+          BD: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr,
+          IEEE: tl.constexpr, STREAM: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr):
+  """Online softmax of q [GP, BD] over keys [lo, hi) at kp / vp (pointing at key lo;
+  ksp ... vzp their scales and zeros when BITS > 0, row stride SSS).
 
   STREAM: key n sits at position pos_ptr[n] and is visible under the streaming
   mask; otherwise every key in [lo, hi) is visible (the caller bounded hi by the
   row's causal limit). Returns the unnormalised (m, l, acc) in fp32, base 2.
   """
   offs_n = tl.arange(0, BLOCK_N)
-  offs_d = tl.arange(0, BD)
-  dmask = offs_d < D
   for start in range(lo, hi, BLOCK_N):
     n = start + offs_n
     vis = n < hi
@@ -64,10 +112,9 @@ def _scan(q, kp, vp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
       kpos = tl.load(pos_ptr + n, mask=vis, other=1 << 30)
       dist = qpos - kpos
       vis = vis & (dist >= 0) & ((kpos < SINK) | (dist < RECENT))
-    k = tl.load(kp + offs_n[:, None] * SKS + offs_d[None, :], mask=vis[:, None] & dmask[None, :],
-                other=0.0)
-    v = tl.load(vp + offs_n[:, None] * SVS + offs_d[None, :], mask=vis[:, None] & dmask[None, :],
-                other=0.0)
+    # a quantised tile is dequantised in fp32, then rounded to q's dtype for the product
+    k = load_kv(kp, ksp, kzp, offs_n, vis, SKS, SSS, D, BD, BITS).to(q.dtype)
+    v = load_kv(vp, vsp, vzp, offs_n, vis, SVS, SSS, D, BD, BITS).to(q.dtype)
     if IEEE:
       s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -85,20 +132,23 @@ def _scan(q, kp, vp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
     m_i = m_new
     kp += BLOCK_N * SKS
     vp += BLOCK_N * SVS
+    ksp += BLOCK_N * SSS
+    kzp += BLOCK_N * SSS
+    vsp += BLOCK_N * SSS
+    vzp += BLOCK_N * SSS
   return m_i, l_i, acc
 
 
 @triton.jit
-def _add_new_token(q, kn_ptr, vn_ptr, nval, qpos, m_i, l_i, acc,
-                   D: tl.constexpr, BD: tl.constexpr, QK_SCALE: tl.constexpr,
-                   SINK: tl.constexpr, RECENT: tl.constexpr):
+def _add_new_token(q, kn_ptr, kns, knz, vn_ptr, vns, vnz, nval, qpos, m_i, l_i, acc,
+                   D: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr,
+                   QK_SCALE: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr):
   """Folds the row's new token (position qpos, distance 0) into (m, l, acc): visible
-  when the row is real and the window admits distance 0 or qpos is a sink position."""
-  offs_d = tl.arange(0, BD)
-  dmask = offs_d < D
+  when the row is real and the window admits distance 0 or qpos is a sink position.
+  A quantised new token (kns ... vnz its scales and zeros) is read as the cache holds it."""
   new_vis = (nval > 0) & ((RECENT > 0) | (qpos < SINK))
-  kn = tl.load(kn_ptr + offs_d, mask=dmask, other=0.0)
-  vn = tl.load(vn_ptr + offs_d, mask=dmask, other=0.0)
+  kn = _load_row(kn_ptr, kns, knz, D, BD, BITS).to(q.dtype)
+  vn = _load_row(vn_ptr, vns, vnz, D, BD, BITS).to(q.dtype)
   s_n = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * QK_SCALE
   s_n = tl.where(new_vis, s_n, float("-inf"))
   m_new = tl.maximum(m_i, s_n)
@@ -147,43 +197,50 @@ def _split_range(QPOS, KVLEN, b, split, NS: tl.constexpr, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
-def _full_decode_kernel(Q, K, V, QPOS, KVLEN, OP, MP, LP,
+def _full_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, OP, MP, LP,
                         SQB: tl.constexpr, SQH: tl.constexpr, SQG: tl.constexpr,
                         SKB: tl.constexpr, SKS: tl.constexpr, SKH: tl.constexpr,
-                        SVB: tl.constexpr, SVS: tl.constexpr, SVH: tl.constexpr,
+                        SCB: tl.constexpr, SCS: tl.constexpr, SCH: tl.constexpr,
                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                        BD: tl.constexpr, NS: tl.constexpr, BLOCK_N: tl.constexpr,
-                        QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+                        BD: tl.constexpr, BITS: tl.constexpr, NS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+  """K / V: plain values, or (BITS > 0) codes with per-row scales and zeros KS, KZ, VS,
+  VZ (strides SC*; for a plain cache they repeat K / V and are never read)."""
   split = tl.program_id(0)
   h = tl.program_id(1)
   b = tl.program_id(2)
   lo, hi = _split_range(QPOS, KVLEN, b, split, NS, BLOCK_N)
   q = _load_q(Q, b, h, SQB, SQH, SQG, G, GP, D, BD)
-  kp = K + b.to(tl.int64) * SKB + h * SKH + lo.to(tl.int64) * SKS
-  vp = V + b.to(tl.int64) * SVB + h * SVH + lo.to(tl.int64) * SVS
+  off = b.to(tl.int64) * SKB + h * SKH + lo.to(tl.int64) * SKS
+  soff = b.to(tl.int64) * SCB + h * SCH + lo.to(tl.int64) * SCS
   m_i = tl.full([GP], float("-inf"), tl.float32)
   l_i = tl.zeros([GP], tl.float32)
   acc = tl.zeros([GP, BD], tl.float32)
-  m_i, l_i, acc = _scan(q, kp, vp, lo, hi, QPOS, 0, m_i, l_i, acc, SKS, SVS, D, BD, BLOCK_N,
-                        QK_SCALE, IEEE, False, 0, 0)
+  m_i, l_i, acc = _scan(q, K + off, KS + soff, KZ + soff, V + off, VS + soff, VZ + soff, lo, hi,
+                        QPOS, 0, m_i, l_i, acc, SKS, SKS, SCS, D, BD, BITS, BLOCK_N, QK_SCALE,
+                        IEEE, False, 0, 0)
   _store_partial(OP, MP, LP, ((b * H + h) * NS + split) * G, m_i, l_i, acc, G, GP, D, BD)
 
 
 @triton.jit
-def _duo_decode_kernel(Q, K, V, QPOS, KVLEN, SK, SV, SPOS, KN, VN, NVALID, OP, MP, LP,
+def _duo_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS,
+                       KN, KNS, KNZ, VN, VNS, VNZ, NVALID, OP, MP, LP,
                        SQB: tl.constexpr, SQH: tl.constexpr, SQG: tl.constexpr,
                        SKB: tl.constexpr, SKS: tl.constexpr, SKH: tl.constexpr,
+                       SCB: tl.constexpr, SCS: tl.constexpr, SCH: tl.constexpr,
                        SSB: tl.constexpr, SSW: tl.constexpr, SSH: tl.constexpr,
-                       SNB: tl.constexpr, SNH: tl.constexpr,
-                       HR: tl.constexpr, HS: tl.constexpr, W: tl.constexpr,
+                       SSCB: tl.constexpr, SSCW: tl.constexpr, SSCH: tl.constexpr,
+                       SNB: tl.constexpr, SNH: tl.constexpr, SNCB: tl.constexpr,
+                       SNCH: tl.constexpr, HR: tl.constexpr, HS: tl.constexpr, W: tl.constexpr,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                       NS: tl.constexpr, BLOCK_N: tl.constexpr, SBLOCK_N: tl.constexpr,
-                       SINK: tl.constexpr, RECENT: tl.constexpr, QK_SCALE: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       BITS: tl.constexpr, NS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SBLOCK_N: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
+                       QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
   """One launch for a DuoAttention layer: programs [0, NS * HR) are the retrieval
   heads' splits over the full cache, programs [NS * HR, NS * HR + HS) the streaming
   heads over sink + ring + the new token. All write partials; `_combine_kernel`
-  (with HR) merges them into the layer's whole output, so no concatenation follows."""
+  (with HR) merges them into the layer's whole output, so no concatenation follows.
+  Each buffer comes as (values or codes, scale, zero) as in `_full_decode_kernel`."""
   pid = tl.program_id(0)
   b = tl.program_id(1)
   m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -194,9 +251,10 @@ def _duo_decode_kernel(Q, K, V, QPOS, KVLEN, SK, SV, SPOS, KN, VN, NVALID, OP, M
     h = pid // NS
     lo, hi = _split_range(QPOS, KVLEN, b, split, NS, BLOCK_N)
     q = _load_q(Q, b, h, SQB, SQH, SQG, G, GP, D, BD)
-    kp = K + b.to(tl.int64) * SKB + h * SKH + lo.to(tl.int64) * SKS
-    vp = V + b.to(tl.int64) * SKB + h * SKH + lo.to(tl.int64) * SKS
-    m_i, l_i, acc = _scan(q, kp, vp, lo, hi, QPOS, 0, m_i, l_i, acc, SKS, SKS, D, BD, BLOCK_N,
+    off = b.to(tl.int64) * SKB + h * SKH + lo.to(tl.int64) * SKS
+    soff = b.to(tl.int64) * SCB + h * SCH + lo.to(tl.int64) * SCS
+    m_i, l_i, acc = _scan(q, K + off, KS + soff, KZ + soff, V + off, VS + soff, VZ + soff, lo,
+                          hi, QPOS, 0, m_i, l_i, acc, SKS, SKS, SCS, D, BD, BITS, BLOCK_N,
                           QK_SCALE, IEEE, False, 0, 0)
     _store_partial(OP, MP, LP, ((b * (HR + HS) + h) * NS + split) * G, m_i, l_i, acc, G, GP, D,
                    BD)
@@ -205,13 +263,16 @@ def _duo_decode_kernel(Q, K, V, QPOS, KVLEN, SK, SV, SPOS, KN, VN, NVALID, OP, M
     h = HR + hs
     qpos = tl.load(QPOS + b)
     q = _load_q(Q, b, h, SQB, SQH, SQG, G, GP, D, BD)
-    kp = SK + b.to(tl.int64) * SSB + hs * SSH
-    vp = SV + b.to(tl.int64) * SSB + hs * SSH
-    m_i, l_i, acc = _scan(q, kp, vp, 0, W, SPOS + b * W, qpos, m_i, l_i, acc, SSW, SSW, D, BD,
-                          SBLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT)
+    off = b.to(tl.int64) * SSB + hs * SSH
+    soff = b.to(tl.int64) * SSCB + hs * SSCH
+    m_i, l_i, acc = _scan(q, SK + off, SKS_ + soff, SKZ + soff, SV + off, SVS_ + soff,
+                          SVZ + soff, 0, W, SPOS + b * W, qpos, m_i, l_i, acc, SSW, SSW, SSCW,
+                          D, BD, BITS, SBLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT)
     nb = b.to(tl.int64) * SNB + h * SNH
-    m_i, l_i, acc = _add_new_token(q, KN + nb, VN + nb, tl.load(NVALID + b), qpos, m_i, l_i, acc,
-                                   D, BD, QK_SCALE, SINK, RECENT)
+    ns = b.to(tl.int64) * SNCB + h * SNCH
+    m_i, l_i, acc = _add_new_token(q, KN + nb, KNS + ns, KNZ + ns, VN + nb, VNS + ns, VNZ + ns,
+                                   tl.load(NVALID + b), qpos, m_i, l_i, acc, D, BD, BITS,
+                                   QK_SCALE, SINK, RECENT)
     _store_partial(OP, MP, LP, ((b * (HR + HS) + h) * NS) * G, m_i, l_i, acc, G, GP, D, BD)
 
 
@@ -245,12 +306,15 @@ def _combine_kernel(OP, MP, LP, OUT,
 
 
 @triton.jit
-def _stream_decode_kernel(Q, SK, SV, SPOS, KN, VN, QPOS, NVALID, OUT,
+def _stream_decode_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, KN, KNS, KNZ, VN, VNS, VNZ,
+                          QPOS, NVALID, OUT,
                           SQB: tl.constexpr, SQH: tl.constexpr, SQG: tl.constexpr,
                           SSB: tl.constexpr, SSW: tl.constexpr, SSH: tl.constexpr,
-                          SNB: tl.constexpr, SNH: tl.constexpr,
-                          W: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                          BD: tl.constexpr, BLOCK_N: tl.constexpr, SINK: tl.constexpr,
+                          SSCB: tl.constexpr, SSCW: tl.constexpr, SSCH: tl.constexpr,
+                          SNB: tl.constexpr, SNH: tl.constexpr, SNCB: tl.constexpr,
+                          SNCH: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
+                          GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                          BITS: tl.constexpr, BLOCK_N: tl.constexpr, SINK: tl.constexpr,
                           RECENT: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
   h = tl.program_id(0)
   b = tl.program_id(1)
@@ -259,13 +323,16 @@ def _stream_decode_kernel(Q, SK, SV, SPOS, KN, VN, QPOS, NVALID, OUT,
   m_i = tl.full([GP], float("-inf"), tl.float32)
   l_i = tl.zeros([GP], tl.float32)
   acc = tl.zeros([GP, BD], tl.float32)
-  kp = SK + b.to(tl.int64) * SSB + h * SSH
-  vp = SV + b.to(tl.int64) * SSB + h * SSH
-  m_i, l_i, acc = _scan(q, kp, vp, 0, W, SPOS + b * W, qpos, m_i, l_i, acc, SSW, SSW, D, BD,
+  off = b.to(tl.int64) * SSB + h * SSH
+  soff = b.to(tl.int64) * SSCB + h * SSCH
+  m_i, l_i, acc = _scan(q, SK + off, SKS_ + soff, SKZ + soff, SV + off, SVS_ + soff, SVZ + soff,
+                        0, W, SPOS + b * W, qpos, m_i, l_i, acc, SSW, SSW, SSCW, D, BD, BITS,
                         BLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT)
   nb = b.to(tl.int64) * SNB + h * SNH
-  m_i, l_i, acc = _add_new_token(q, KN + nb, VN + nb, tl.load(NVALID + b), qpos, m_i, l_i, acc,
-                                 D, BD, QK_SCALE, SINK, RECENT)
+  ns = b.to(tl.int64) * SNCB + h * SNCH
+  m_i, l_i, acc = _add_new_token(q, KN + nb, KNS + ns, KNZ + ns, VN + nb, VNS + ns, VNZ + ns,
+                                 tl.load(NVALID + b), qpos, m_i, l_i, acc, D, BD, BITS, QK_SCALE,
+                                 SINK, RECENT)
   out = acc / tl.maximum(l_i, 1e-30)[:, None]
   offs_g = tl.arange(0, GP)
   offs_d = tl.arange(0, BD)
@@ -281,22 +348,24 @@ def n_splits(b: int, h: int, s: int, cfg=None) -> int:
   return max(1, min(ns, cfg["max_splits"], cdiv(s, cfg["block_n"])))
 
 
-def full_decode_plans(q_shape, k_shape, dtype, cfg=None):
-  """q [B, 1, H, G, D]; k, v [B, S, H, D] -> (split launch, combine launch)."""
+def full_decode_plans(q_shape, k_shape, dtype, cfg=None, bits: int = 0):
+  """q [B, 1, H, G, D]; k, v [B, S, H, D] (logical shape; bits 8 / 4: quantised, given
+  as codes, scales, zeros) -> (split launch, combine launch). dtype: the compute dtype."""
   cfg = cfg or DECODE_CONFIG
   b, t, h, g, d = q_shape
   s = k_shape[1]
   assert t == 1
   ns = n_splits(b, h, s, cfg)
   gp, bd = max(16, next_pow2(g)), max(16, next_pow2(d))
-  sq, sk = strides(q_shape), strides(k_shape)
+  sq = strides(q_shape)
+  sk, sc = kv_strides(k_shape, bits)
   ieee = dtype_name(dtype) == "float32"
   split = Launch(
       _full_decode_kernel, (ns, h, b),
       (((b, h, ns, g, d), "float32"), ((b, h, ns, g), "float32"), ((b, h, ns, g), "float32")),
-      dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], SVB=sk[0],
-           SVS=sk[1], SVH=sk[2], H=h, G=g, GP=gp, D=d, BD=bd, NS=ns, BLOCK_N=cfg["block_n"],
-           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=ieee),
+      dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], SCB=sc[0],
+           SCS=sc[1], SCH=sc[2], H=h, G=g, GP=gp, D=d, BD=bd, BITS=bits, NS=ns,
+           BLOCK_N=cfg["block_n"], QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=ieee),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
   return split, _combine_plan(q_shape, dtype, h, ns)
 
@@ -311,9 +380,11 @@ def _combine_plan(q_shape, dtype, n_retrieval, ns):
       num_warps=8 if ns * d > 8192 else 4, num_stages=1)
 
 
-def duo_decode_plans(q_shape, k_shape, slot_shape, dtype, sink, recent, cfg=None, scfg=None):
+def duo_decode_plans(q_shape, k_shape, slot_shape, dtype, sink, recent, cfg=None, scfg=None,
+                     bits: int = 0):
   """q [B, 1, Hr + Hs, G, D]; k, v [B, S, Hr, D]; slot k/v [B, W, Hs, D]; new k/v
-  [B, 1, Hr + Hs, D] -> (fused split launch, combine launch)."""
+  [B, 1, Hr + Hs, D] (logical shapes; bits 8 / 4: all of them quantised) -> (fused split
+  launch, combine launch)."""
   cfg = cfg or DECODE_CONFIG
   scfg = scfg or STREAM_DECODE_CONFIG
   b, t, h, g, d = q_shape
@@ -321,49 +392,62 @@ def duo_decode_plans(q_shape, k_shape, slot_shape, dtype, sink, recent, cfg=None
   w, hs = slot_shape[1], slot_shape[2]
   assert t == 1 and hr + hs == h and hr > 0 and hs > 0, (q_shape, k_shape, slot_shape)
   ns = n_splits(b, hr, s, cfg)
-  sq, sk, ss, sn = strides(q_shape), strides(k_shape), strides(slot_shape), strides((b, 1, h, d))
+  sq = strides(q_shape)
+  (sk, sc), (ss, ssc), (sn, snc) = (kv_strides(x, bits) for x in (k_shape, slot_shape,
+                                                                  (b, 1, h, d)))
   split = Launch(
       _duo_decode_kernel, (ns * hr + hs, b),
       (((b, h, ns, g, d), "float32"), ((b, h, ns, g), "float32"), ((b, h, ns, g), "float32")),
-      dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], SSB=ss[0],
-           SSW=ss[1], SSH=ss[2], SNB=sn[0], SNH=sn[2], HR=hr, HS=hs, W=w, G=g,
-           GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)), NS=ns,
+      dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], SCB=sc[0],
+           SCS=sc[1], SCH=sc[2], SSB=ss[0], SSW=ss[1], SSH=ss[2], SSCB=ssc[0], SSCW=ssc[1],
+           SSCH=ssc[2], SNB=sn[0], SNH=sn[2], SNCB=snc[0], SNCH=snc[2], HR=hr, HS=hs, W=w,
+           G=g, GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)), BITS=bits, NS=ns,
            BLOCK_N=cfg["block_n"], SBLOCK_N=scfg["block_n"], SINK=int(sink), RECENT=int(recent),
            QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32"),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
   return split, _combine_plan(q_shape, dtype, hr, ns)
 
 
-def stream_decode_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None):
-  """q [B, 1, H, G, D]; slot k/v [B, W, H, D]; new k/v [B, 1, H, D]."""
+def stream_decode_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None, bits: int = 0):
+  """q [B, 1, H, G, D]; slot k/v [B, W, H, D]; new k/v [B, 1, H, D] (logical shapes)."""
   cfg = cfg or STREAM_DECODE_CONFIG
   b, t, h, g, d = q_shape
   w = slot_shape[1]
-  sq, ss = strides(q_shape), strides(slot_shape)
-  sn = strides((b, 1, h, d))
+  sq = strides(q_shape)
+  (ss, ssc), (sn, snc) = (kv_strides(x, bits) for x in (slot_shape, (b, 1, h, d)))
   return Launch(
       _stream_decode_kernel, (h, b), ((tuple(q_shape), dtype_name(dtype)),),
-      dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SSB=ss[0], SSW=ss[1], SSH=ss[2], SNB=sn[0],
-           SNH=sn[2], W=w, G=g, GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)),
+      dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SSB=ss[0], SSW=ss[1], SSH=ss[2], SSCB=ssc[0],
+           SSCW=ssc[1], SSCH=ssc[2], SNB=sn[0], SNH=sn[2], SNCB=snc[0], SNCH=snc[2], W=w, G=g,
+           GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)), BITS=bits,
            BLOCK_N=cfg["block_n"], SINK=int(sink), RECENT=int(recent),
            QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32"),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # -- the ops (dispatch signatures) ----------------------------------------------------
+# A cache buffer is plain values or (duojax.kv_quant) a quantised one, read by its fields:
+# its codes are dequantised in the kernel, and the compute dtype is then q's.
+
+def compute_dtype(q, buf):
+  """A plain cache's own dtype (a cast of q is cheap, of the cache not); q's when
+  quantised (the dequantised tiles are rounded to it for the tensor-core products)."""
+  return q.dtype if kv_bits(buf) else buf.dtype
+
 
 def full_decode(q, k_cache, v_cache, q_pos, kv_len, *, return_partial: bool = False):
-  """Retrieval heads, one token per row. q [B, 1, H, G, D]; k/v_cache [B, S, H, D];
-  q_pos [B, 1]; kv_len [B]. Reads keys [0, min(kv_len, q_pos + 1)) of each row.
+  """Retrieval heads, one token per row. q [B, 1, H, G, D]; k/v_cache [B, S, H, D]
+  (plain or quantised); q_pos [B, 1]; kv_len [B]. Reads keys [0, min(kv_len, q_pos + 1))
+  of each row.
 
   return_partial: instead of the output, the softmax state of those keys, (m, l
   [B, 1, H, G], acc [B, 1, H, G, D]) in fp32 (`merge_splits`); q_pos may be negative
   (the row sees no key: m = -inf, l = 0)."""
   import jax.numpy as jnp
-  dt = k_cache.dtype  # computed in the cache's dtype (a cast of q is cheap, of the cache not)
-  split, combine = full_decode_plans(q.shape, k_cache.shape, dt)
-  op, mp, lp = split.jax(q.astype(dt), k_cache, v_cache.astype(dt), q_pos.astype(jnp.int32),
-                         kv_len.astype(jnp.int32))
+  dt = compute_dtype(q, k_cache)
+  split, combine = full_decode_plans(q.shape, k_cache.shape, dt, bits=kv_bits(k_cache))
+  op, mp, lp = split.jax(q.astype(dt), *kv_parts(k_cache, dt), *kv_parts(v_cache, dt),
+                         q_pos.astype(jnp.int32), kv_len.astype(jnp.int32))
   if return_partial:
     return merge_splits(op, mp, lp)
   (out,) = combine.jax(op, mp, lp)
@@ -401,13 +485,14 @@ def slot_positions(slot_pos, slot_valid):
 
 def streaming_decode(q, slot_k, slot_v, slot_pos, slot_valid, k, v, q_pos, n_valid, sink,
                      recent):
-  """Streaming heads, one token per row: sink + ring slots and the new token."""
+  """Streaming heads, one token per row: sink + ring slots and the new token (slots and
+  the new k, v both plain or both quantised)."""
   import jax.numpy as jnp
-  dt = slot_k.dtype
-  plan = stream_decode_plan(q.shape, slot_k.shape, dt, sink, recent)
-  (out,) = plan.jax(q.astype(dt), slot_k, slot_v.astype(dt), slot_positions(slot_pos, slot_valid),
-                    k.astype(dt), v.astype(dt), q_pos.astype(jnp.int32),
-                    n_valid.astype(jnp.int32))
+  dt = compute_dtype(q, slot_k)
+  plan = stream_decode_plan(q.shape, slot_k.shape, dt, sink, recent, bits=kv_bits(slot_k))
+  (out,) = plan.jax(q.astype(dt), *kv_parts(slot_k, dt), *kv_parts(slot_v, dt),
+                    slot_positions(slot_pos, slot_valid), *kv_parts(k, dt), *kv_parts(v, dt),
+                    q_pos.astype(jnp.int32), n_valid.astype(jnp.int32))
   return out.astype(q.dtype)
 
 
@@ -420,14 +505,16 @@ def duo_decode(q, k_cache, v_cache, q_pos, kv_len, slot_k, slot_v, slot_pos, slo
   [B, 1, Hr + Hs, D] the new token's keys/values (the streaming heads' are read
   from here); q_pos [B, 1]; kv_len, n_valid [B]. Returns [B, 1, Hr + Hs, G, D]:
   the concatenation of `full_decode` on the leading Hr heads and
-  `streaming_decode` on the rest.
+  `streaming_decode` on the rest. Quantised: every buffer (and k, v) quantised alike.
   """
   import jax.numpy as jnp
-  dt = k_cache.dtype
-  split, combine = duo_decode_plans(q.shape, k_cache.shape, slot_k.shape, dt, sink, recent)
-  op, mp, lp = split.jax(q.astype(dt), k_cache, v_cache.astype(dt), q_pos.astype(jnp.int32),
-                         kv_len.astype(jnp.int32), slot_k.astype(dt), slot_v.astype(dt),
-                         slot_positions(slot_pos, slot_valid), k.astype(dt), v.astype(dt),
-                         n_valid.astype(jnp.int32))
+  dt = compute_dtype(q, k_cache)
+  split, combine = duo_decode_plans(q.shape, k_cache.shape, slot_k.shape, dt, sink, recent,
+                                    bits=kv_bits(k_cache))
+  op, mp, lp = split.jax(q.astype(dt), *kv_parts(k_cache, dt), *kv_parts(v_cache, dt),
+                         q_pos.astype(jnp.int32), kv_len.astype(jnp.int32),
+                         *kv_parts(slot_k, dt), *kv_parts(slot_v, dt),
+                         slot_positions(slot_pos, slot_valid), *kv_parts(k, dt),
+                         *kv_parts(v, dt), n_valid.astype(jnp.int32))
   (out,) = combine.jax(op, mp, lp)
   return out.astype(q.dtype)

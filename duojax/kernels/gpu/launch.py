@@ -72,3 +72,28 @@ def strides(shape) -> tuple[int, ...]:
     out.append(acc)
     acc *= int(s)
   return tuple(reversed(out))
+
+
+def kv_bits(x) -> int:
+  """8 / 4 for a quantised cache buffer (duojax.kv_quant.QuantKV, known here by its fields:
+  kernels import nothing above them), 0 for plain values."""
+  return int(getattr(x, "bits", 0) or 0)
+
+
+def kv_parts(x, dtype=None) -> tuple:
+  """A cache buffer as the three kernel arguments (values or codes, scale, zero). A plain
+  array (cast to `dtype` when given) stands in for its own scale and zero, which a kernel
+  compiled with BITS = 0 never reads."""
+  if kv_bits(x):
+    return x.codes, x.scale, x.zero
+  x = x if dtype is None else x.astype(dtype)
+  return x, x, x
+
+
+def kv_strides(shape, bits: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Element strides of a cache buffer of logical shape [..., D] as stored: its values or
+  codes (int4: D/2 bytes a row) and its [..., 1] scales / zeros (zeros when plain)."""
+  *lead, d = (int(n) for n in shape)
+  codes = strides((*lead, d // 2 if bits == 4 else d))
+  side = strides((*lead, 1)) if bits else (0,) * len(codes)
+  return codes, side

@@ -28,8 +28,9 @@ import triton
 import triton.language as tl
 
 from duojax.kernels.gpu import tokamax_chunk
-from duojax.kernels.gpu.decode import LOG2E, slot_positions
-from duojax.kernels.gpu.launch import Launch, cdiv, dtype_name, next_pow2, strides
+from duojax.kernels.gpu.decode import LOG2E, load_kv, compute_dtype, slot_positions
+from duojax.kernels.gpu.launch import (Launch, cdiv, dtype_name, kv_bits, kv_parts, kv_strides,
+                                       next_pow2, strides)
 
 # Tuning (H100, bf16, D = 128): 483-491 TFLOP/s for a 4096-token chunk over a 32K-128K
 # prefix (infer/bench_kernels.py). BLOCK_M rows = tokens x G.
@@ -38,13 +39,14 @@ STREAM_CHUNK_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stage
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, kp, vp, n, kmask, vis, SKS: tl.constexpr, offs_d, dmask,
+def _attend_block(acc, m_i, l_i, q, kp, ksp, kzp, vp, vsp, vzp, n, kmask, vis, SKS: tl.constexpr,
+                  SSS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr,
                   QK_SCALE: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr):
   """One key block: online-softmax update of (acc, m_i, l_i). kp/vp point at the
-  block's first key; n [BLOCK_N] its in-block offsets; kmask [BLOCK_N] keys that
-  exist; vis [BLOCK_M, BLOCK_N] the visibility mask (only used when MASKED)."""
-  k = tl.load(kp + n[:, None] * SKS + offs_d[None, :], mask=kmask[:, None] & dmask[None, :],
-              other=0.0)
+  block's first key (ksp ... vzp at its scales and zeros when quantised: BITS > 0, row
+  stride SSS); n [BLOCK_N] its in-block offsets; kmask [BLOCK_N] keys that exist; vis
+  [BLOCK_M, BLOCK_N] the visibility mask (only used when MASKED)."""
+  k = load_kv(kp, ksp, kzp, n, kmask, SKS, SSS, D, BD, BITS).to(q.dtype)
   if IEEE:
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * QK_SCALE
   else:
@@ -58,8 +60,7 @@ def _attend_block(acc, m_i, l_i, q, kp, vp, n, kmask, vis, SKS: tl.constexpr, of
   alpha = tl.exp2(m_i - m_new)
   p = tl.exp2(s - m_new[:, None])
   l_i = l_i * alpha + tl.sum(p, 1)
-  v = tl.load(vp + n[:, None] * SKS + offs_d[None, :], mask=kmask[:, None] & dmask[None, :],
-              other=0.0)
+  v = load_kv(vp, vsp, vzp, n, kmask, SKS, SSS, D, BD, BITS).to(q.dtype)
   if IEEE:
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
   else:
@@ -85,21 +86,21 @@ def _q_tile(Q, pid_m, h, b, SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.conste
 
 
 @triton.jit
-def _full_chunk_tile(Q, K, V, QPOS, KVLEN,
+def _full_chunk_tile(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN,
                      SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
                      SQG: tl.constexpr, SKB: tl.constexpr, SKS: tl.constexpr,
-                     SKH: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                     BD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+                     SKH: tl.constexpr, SCB: tl.constexpr, SCS: tl.constexpr,
+                     SCH: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                     BD: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
   """Program (m, h, b)'s tile over its visible keys: (acc, m_i, l_i) unnormalised (base 2;
-  m_i = 0 where a row saw nothing, l_i = 0 there), with the tile's qoff and rmask."""
+  m_i = 0 where a row saw nothing, l_i = 0 there), with the tile's qoff and rmask.
+  K / V plain, or codes with scales and zeros KS ... VZ (BITS > 0, strides SC*)."""
   h = tl.program_id(1)
   b = tl.program_id(2)
   q, tok, rmask, qoff = _q_tile(Q, tl.program_id(0), h, b, SQB, SQT, SQH, SQG, T, G, D, BD,
                                 BLOCK_M)
-  offs_d = tl.arange(0, BD)
   offs_n = tl.arange(0, BLOCK_N)
-  dmask = offs_d < D
   qpos = tl.load(QPOS + b * T + tok, mask=rmask, other=-1)
   kvl = tl.load(KVLEN + b)
   q_hi = tl.max(tl.where(rmask, qpos, -1), 0)
@@ -109,42 +110,45 @@ def _full_chunk_tile(Q, K, V, QPOS, KVLEN,
   free = tl.maximum(tl.minimum(tl.minimum(kvl, q_lo + 1), hi), 0)
   free = (free // BLOCK_N) * BLOCK_N
 
-  kbase = K + b.to(tl.int64) * SKB + h * SKH
-  vbase = V + b.to(tl.int64) * SKB + h * SKH
+  off = b.to(tl.int64) * SKB + h * SKH
+  soff = b.to(tl.int64) * SCB + h * SCH
   m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
   l_i = tl.zeros([BLOCK_M], tl.float32)
   acc = tl.zeros([BLOCK_M, BD], tl.float32)
   all_keys = offs_n >= 0
-  kp = kbase
-  vp = vbase
+  kp, ksp, kzp, vp, vsp, vzp = K + off, KS + soff, KZ + soff, V + off, VS + soff, VZ + soff
   for start in range(0, free, BLOCK_N):
-    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kp, vp, offs_n, all_keys,
-                                  all_keys[None, :], SKS, offs_d, dmask, QK_SCALE, IEEE, False)
-    kp += BLOCK_N * SKS
-    vp += BLOCK_N * SKS
-  kp = kbase + free.to(tl.int64) * SKS
-  vp = vbase + free.to(tl.int64) * SKS
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kp, ksp, kzp, vp, vsp, vzp, offs_n, all_keys,
+                                  all_keys[None, :], SKS, SCS, D, BD, BITS, QK_SCALE, IEEE, False)
+    kp, vp = kp + BLOCK_N * SKS, vp + BLOCK_N * SKS
+    ksp, kzp, vsp, vzp = (ksp + BLOCK_N * SCS, kzp + BLOCK_N * SCS, vsp + BLOCK_N * SCS,
+                          vzp + BLOCK_N * SCS)
+  off += free.to(tl.int64) * SKS
+  soff += free.to(tl.int64) * SCS
+  kp, ksp, kzp, vp, vsp, vzp = K + off, KS + soff, KZ + soff, V + off, VS + soff, VZ + soff
   for start in range(free, hi, BLOCK_N):
     j = start + offs_n
     kmask = j < hi
     vis = (j[None, :] <= qpos[:, None]) & (j[None, :] < kvl)
-    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kp, vp, offs_n, kmask, vis,
-                                  SKS, offs_d, dmask, QK_SCALE, IEEE, True)
-    kp += BLOCK_N * SKS
-    vp += BLOCK_N * SKS
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kp, ksp, kzp, vp, vsp, vzp, offs_n, kmask,
+                                  vis, SKS, SCS, D, BD, BITS, QK_SCALE, IEEE, True)
+    kp, vp = kp + BLOCK_N * SKS, vp + BLOCK_N * SKS
+    ksp, kzp, vsp, vzp = (ksp + BLOCK_N * SCS, kzp + BLOCK_N * SCS, vsp + BLOCK_N * SCS,
+                          vzp + BLOCK_N * SCS)
   return acc, m_i, l_i, qoff, rmask
 
 
 @triton.jit
-def _full_chunk_kernel(Q, K, V, QPOS, KVLEN, OUT,
+def _full_chunk_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, OUT,
                        SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
                        SQG: tl.constexpr, SKB: tl.constexpr, SKS: tl.constexpr,
-                       SKH: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                       BD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
-  acc, m_i, l_i, qoff, rmask = _full_chunk_tile(Q, K, V, QPOS, KVLEN, SQB, SQT, SQH, SQG, SKB,
-                                                SKS, SKH, T, G, D, BD, BLOCK_M, BLOCK_N,
-                                                QK_SCALE, IEEE)
+                       SKH: tl.constexpr, SCB: tl.constexpr, SCS: tl.constexpr,
+                       SCH: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                       BD: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+  acc, m_i, l_i, qoff, rmask = _full_chunk_tile(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SQB, SQT,
+                                                SQH, SQG, SKB, SKS, SKH, SCB, SCS, SCH, T, G, D,
+                                                BD, BITS, BLOCK_M, BLOCK_N, QK_SCALE, IEEE)
   offs_d = tl.arange(0, BD)
   out = acc / tl.maximum(l_i, 1e-30)[:, None]
   tl.store(OUT + qoff[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
@@ -152,18 +156,19 @@ def _full_chunk_kernel(Q, K, V, QPOS, KVLEN, OUT,
 
 
 @triton.jit
-def _full_chunk_partial_kernel(Q, K, V, QPOS, KVLEN, ACC, M, L,
+def _full_chunk_partial_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, ACC, M, L,
                                SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
                                SQG: tl.constexpr, SKB: tl.constexpr, SKS: tl.constexpr,
-                               SKH: tl.constexpr, T: tl.constexpr, G: tl.constexpr,
-                               D: tl.constexpr, BD: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr,
-                               IEEE: tl.constexpr):
+                               SKH: tl.constexpr, SCB: tl.constexpr, SCS: tl.constexpr,
+                               SCH: tl.constexpr, T: tl.constexpr, G: tl.constexpr,
+                               D: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
   """The same tile, stored unnormalised: ACC [B, T, H, G, D] (q's layout, so q's offsets),
   M / L [B, T, H, G] fp32 (offset qoff // SQG: q is contiguous, SQG = D)."""
-  acc, m_i, l_i, qoff, rmask = _full_chunk_tile(Q, K, V, QPOS, KVLEN, SQB, SQT, SQH, SQG, SKB,
-                                                SKS, SKH, T, G, D, BD, BLOCK_M, BLOCK_N,
-                                                QK_SCALE, IEEE)
+  acc, m_i, l_i, qoff, rmask = _full_chunk_tile(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SQB, SQT,
+                                                SQH, SQG, SKB, SKS, SKH, SCB, SCS, SCH, T, G, D,
+                                                BD, BITS, BLOCK_M, BLOCK_N, QK_SCALE, IEEE)
   offs_d = tl.arange(0, BD)
   tl.store(ACC + qoff[:, None] + offs_d[None, :], acc, mask=rmask[:, None] & (offs_d[None, :] < D))
   tl.store(M + qoff // SQG, m_i, mask=rmask)
@@ -171,14 +176,19 @@ def _full_chunk_partial_kernel(Q, K, V, QPOS, KVLEN, ACC, M, L,
 
 
 @triton.jit
-def _stream_chunk_kernel(Q, SK, SV, SPOS, K, V, QPOS, NVALID, OUT,
+def _stream_chunk_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, K, KS, KZ, V, VS, VZ, QPOS,
+                         NVALID, OUT,
                          SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
                          SQG: tl.constexpr, SSB: tl.constexpr, SSW: tl.constexpr,
-                         SSH: tl.constexpr, SKB: tl.constexpr, SKT: tl.constexpr,
-                         SKH: tl.constexpr, W: tl.constexpr, T: tl.constexpr, G: tl.constexpr,
-                         D: tl.constexpr, BD: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
-                         QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+                         SSH: tl.constexpr, SSCB: tl.constexpr, SSCW: tl.constexpr,
+                         SSCH: tl.constexpr, SKB: tl.constexpr, SKT: tl.constexpr,
+                         SKH: tl.constexpr, SCB: tl.constexpr, SCT: tl.constexpr,
+                         SCH: tl.constexpr, W: tl.constexpr, T: tl.constexpr, G: tl.constexpr,
+                         D: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINK: tl.constexpr,
+                         RECENT: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+  """Slots SK / SV and the chunk's K / V: plain, or (BITS > 0) codes with their scales and
+  zeros (the chunk then read as the cache will hold it)."""
   h = tl.program_id(1)
   b = tl.program_id(2)
   q, tok, rmask, qoff = _q_tile(Q, tl.program_id(0), h, b, SQB, SQT, SQH, SQG, T, G, D, BD,
@@ -195,20 +205,20 @@ def _stream_chunk_kernel(Q, SK, SV, SPOS, K, V, QPOS, NVALID, OUT,
   acc = tl.zeros([BLOCK_M, BD], tl.float32)
 
   # 1) the sink + ring slots (their positions precede the chunk)
-  sk = SK + b.to(tl.int64) * SSB + h * SSH
-  sv = SV + b.to(tl.int64) * SSB + h * SSH
+  so, sso = b.to(tl.int64) * SSB + h * SSH, b.to(tl.int64) * SSCB + h * SSCH
   for start in range(0, W, BLOCK_N):
     j = start + offs_n
     kmask = j < W
     kpos = tl.load(SPOS + b * W + j, mask=kmask, other=1 << 30)
     dist = qpos[:, None] - kpos[None, :]
     vis = (dist >= 0) & ((kpos[None, :] < SINK) | (dist < RECENT)) & kmask[None, :]
-    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, sk + start * SSW, sv + start * SSW, offs_n,
-                                  kmask, vis, SSW, offs_d, dmask, QK_SCALE, IEEE, True)
+    o, sc = so + start * SSW, sso + start * SSCW
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, SK + o, SKS_ + sc, SKZ + sc, SV + o,
+                                  SVS_ + sc, SVZ + sc, offs_n, kmask, vis, SSW, SSCW, D, BD, BITS,
+                                  QK_SCALE, IEEE, True)
 
   # 2) the chunk's own keys: blocks holding sink positions, then the window band
-  ck = K + b.to(tl.int64) * SKB + h * SKH
-  cv = V + b.to(tl.int64) * SKB + h * SKH
+  co, cso = b.to(tl.int64) * SKB + h * SKH, b.to(tl.int64) * SCB + h * SCH
   q_hi = tl.max(tl.where(rmask, qpos, -(1 << 30)), 0)
   q_lo = tl.min(tl.where(rmask, qpos, 1 << 30), 0)
   c_hi = tl.minimum(tl.minimum(q_hi - start_pos + 1, nval), T)  # chunk index bound
@@ -222,16 +232,20 @@ def _stream_chunk_kernel(Q, SK, SV, SPOS, K, V, QPOS, NVALID, OUT,
     kpos = start_pos + j
     dist = qpos[:, None] - kpos[None, :]
     vis = (dist >= 0) & ((kpos[None, :] < SINK) | (dist < RECENT)) & kmask[None, :]
-    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, ck + start * SKT, cv + start * SKT, offs_n,
-                                  kmask, vis, SKT, offs_d, dmask, QK_SCALE, IEEE, True)
+    o, sc = co + start * SKT, cso + start * SCT
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, K + o, KS + sc, KZ + sc, V + o, VS + sc,
+                                  VZ + sc, offs_n, kmask, vis, SKT, SCT, D, BD, BITS, QK_SCALE,
+                                  IEEE, True)
   for start in range(band_lo, c_hi, BLOCK_N):
     j = start + offs_n
     kmask = j < c_hi
     kpos = start_pos + j
     dist = qpos[:, None] - kpos[None, :]
     vis = (dist >= 0) & ((kpos[None, :] < SINK) | (dist < RECENT)) & kmask[None, :]
-    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, ck + start * SKT, cv + start * SKT, offs_n,
-                                  kmask, vis, SKT, offs_d, dmask, QK_SCALE, IEEE, True)
+    o, sc = co + start * SKT, cso + start * SCT
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, K + o, KS + sc, KZ + sc, V + o, VS + sc,
+                                  VZ + sc, offs_n, kmask, vis, SKT, SCT, D, BD, BITS, QK_SCALE,
+                                  IEEE, True)
   out = acc / tl.maximum(l_i, 1e-30)[:, None]
   tl.store(OUT + qoff[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
            mask=rmask[:, None] & dmask[None, :])
@@ -243,13 +257,15 @@ def _block_m(g: int, cfg) -> int:
   return max(cfg["block_m"], next_pow2(g), 16)
 
 
-def full_chunk_plan(q_shape, k_shape, dtype, cfg=None, partial: bool = False):
-  """q [B, T, H, G, D]; k/v cache [B, S, H, D]. partial: the kernel that stores the
-  unnormalised (acc [B, T, H, G, D], m, l [B, T, H, G]) in fp32 instead of the output."""
+def full_chunk_plan(q_shape, k_shape, dtype, cfg=None, partial: bool = False, bits: int = 0):
+  """q [B, T, H, G, D]; k/v cache [B, S, H, D] (logical shape; bits 8 / 4: quantised).
+  partial: the kernel that stores the unnormalised (acc [B, T, H, G, D], m, l
+  [B, T, H, G]) in fp32 instead of the output."""
   cfg = cfg or FULL_CHUNK_CONFIG
   b, t, h, g, d = q_shape
   bm = _block_m(g, cfg)
-  sq, sk = strides(q_shape), strides(k_shape)
+  sq = strides(q_shape)
+  sk, sc = kv_strides(k_shape, bits)
   outs = ((tuple(q_shape), dtype_name(dtype)),)
   if partial:
     outs = ((tuple(q_shape), "float32"), (tuple(q_shape[:4]), "float32"),
@@ -257,23 +273,26 @@ def full_chunk_plan(q_shape, k_shape, dtype, cfg=None, partial: bool = False):
   return Launch(
       _full_chunk_partial_kernel if partial else _full_chunk_kernel, (cdiv(t, bm // g), h, b),
       outs,
-      dict(SQB=sq[0], SQT=sq[1], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], T=t, G=g,
-           D=d, BD=max(16, next_pow2(d)), BLOCK_M=bm, BLOCK_N=cfg["block_n"],
-           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32"),
+      dict(SQB=sq[0], SQT=sq[1], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2],
+           SCB=sc[0], SCS=sc[1], SCH=sc[2], T=t, G=g, D=d, BD=max(16, next_pow2(d)), BITS=bits,
+           BLOCK_M=bm, BLOCK_N=cfg["block_n"], QK_SCALE=float(LOG2E / math.sqrt(d)),
+           IEEE=dtype_name(dtype) == "float32"),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def stream_chunk_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None):
-  """q [B, T, H, G, D]; slot k/v [B, W, H, D]; chunk k/v [B, T, H, D]."""
+def stream_chunk_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None, bits: int = 0):
+  """q [B, T, H, G, D]; slot k/v [B, W, H, D]; chunk k/v [B, T, H, D] (logical shapes)."""
   cfg = cfg or STREAM_CHUNK_CONFIG
   b, t, h, g, d = q_shape
   w = slot_shape[1]
   bm = _block_m(g, cfg)
-  sq, ss, sk = strides(q_shape), strides(slot_shape), strides((b, t, h, d))
+  sq = strides(q_shape)
+  (ss, ssc), (sk, sc) = (kv_strides(x, bits) for x in (slot_shape, (b, t, h, d)))
   return Launch(
       _stream_chunk_kernel, (cdiv(t, bm // g), h, b), ((tuple(q_shape), dtype_name(dtype)),),
       dict(SQB=sq[0], SQT=sq[1], SQH=sq[2], SQG=sq[3], SSB=ss[0], SSW=ss[1], SSH=ss[2],
-           SKB=sk[0], SKT=sk[1], SKH=sk[2], W=w, T=t, G=g, D=d, BD=max(16, next_pow2(d)),
+           SSCB=ssc[0], SSCW=ssc[1], SSCH=ssc[2], SKB=sk[0], SKT=sk[1], SKH=sk[2], SCB=sc[0],
+           SCT=sc[1], SCH=sc[2], W=w, T=t, G=g, D=d, BD=max(16, next_pow2(d)), BITS=bits,
            BLOCK_M=bm, BLOCK_N=cfg["block_n"], SINK=int(sink), RECENT=int(recent),
            QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32"),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -283,14 +302,15 @@ def stream_chunk_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None):
 
 def full_chunk(q, k_cache, v_cache, q_pos, kv_len, *, return_partial: bool = False):
   """Retrieval heads: q [B, T, H, G, D] over k/v_cache [B, S, H, D] (slot j =
-  position j); key j visible iff j < kv_len[b] and j <= q_pos[b, t].
+  position j; plain or quantised); key j visible iff j < kv_len[b] and j <= q_pos[b, t].
 
   Through tokamax's Mosaic GPU kernel when it is installed and takes the shape
-  (faster on Hopper, see tokamax_chunk.py), else the Triton kernel below.
+  (faster on Hopper, see tokamax_chunk.py), else the Triton kernel below; a quantised
+  cache always takes the Triton kernel (it dequantises its tiles).
   return_partial: the softmax state instead (see `triton_full_chunk`); always the
   Triton kernel, whose state we can store."""
-  if return_partial:
-    return triton_full_chunk(q, k_cache, v_cache, q_pos, kv_len, return_partial=True)
+  if return_partial or kv_bits(k_cache):
+    return triton_full_chunk(q, k_cache, v_cache, q_pos, kv_len, return_partial=return_partial)
   out = tokamax_chunk.full_chunk(q, k_cache, v_cache, q_pos, kv_len)
   return out if out is not None else triton_full_chunk(q, k_cache, v_cache, q_pos, kv_len)
 
@@ -302,10 +322,11 @@ def triton_full_chunk(q, k_cache, v_cache, q_pos, kv_len, *, return_partial: boo
   (the kernel's base-2 max divided by log2(e)); m = -inf where a row sees no key (q_pos
   may be negative), so partials of disjoint cache slices merge exactly."""
   import jax.numpy as jnp
-  dt = k_cache.dtype  # computed in the cache's dtype (a cast of q is cheap, of the cache not)
-  plan = full_chunk_plan(q.shape, k_cache.shape, dt, partial=return_partial)
-  res = plan.jax(q.astype(dt), k_cache, v_cache.astype(dt), q_pos.astype(jnp.int32),
-                 kv_len.astype(jnp.int32))
+  dt = compute_dtype(q, k_cache)
+  plan = full_chunk_plan(q.shape, k_cache.shape, dt, partial=return_partial,
+                         bits=kv_bits(k_cache))
+  res = plan.jax(q.astype(dt), *kv_parts(k_cache, dt), *kv_parts(v_cache, dt),
+                 q_pos.astype(jnp.int32), kv_len.astype(jnp.int32))
   if return_partial:
     acc, m2, l = res
     return jnp.where(l > 0, m2 / LOG2E, -jnp.inf), l, acc
@@ -319,11 +340,12 @@ def full_chunk_partial(q, k_cache, v_cache, q_pos, kv_len):
 
 
 def streaming_chunk(q, slot_k, slot_v, slot_pos, slot_valid, k, v, q_pos, n_valid, sink, recent):
-  """Streaming heads over sink + ring slots and the chunk, exact streaming mask."""
+  """Streaming heads over sink + ring slots and the chunk, exact streaming mask (slots and
+  chunk k, v both plain or both quantised)."""
   import jax.numpy as jnp
-  dt = slot_k.dtype
-  plan = stream_chunk_plan(q.shape, slot_k.shape, dt, sink, recent)
-  (out,) = plan.jax(q.astype(dt), slot_k, slot_v.astype(dt), slot_positions(slot_pos, slot_valid),
-                    k.astype(dt), v.astype(dt), q_pos.astype(jnp.int32),
-                    n_valid.astype(jnp.int32))
+  dt = compute_dtype(q, slot_k)
+  plan = stream_chunk_plan(q.shape, slot_k.shape, dt, sink, recent, bits=kv_bits(slot_k))
+  (out,) = plan.jax(q.astype(dt), *kv_parts(slot_k, dt), *kv_parts(slot_v, dt),
+                    slot_positions(slot_pos, slot_valid), *kv_parts(k, dt), *kv_parts(v, dt),
+                    q_pos.astype(jnp.int32), n_valid.astype(jnp.int32))
   return out.astype(q.dtype)

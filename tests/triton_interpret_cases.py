@@ -1,0 +1,202 @@
+"""The Triton kernels of duojax.kernels.gpu run by Triton's CPU interpreter, against the
+plain-jnp reference (duojax.attention.reference), plain and quantised caches.
+
+Run as a script in a process of its own (`tests/test_triton_interpret.py` does): the
+interpreter is chosen when the kernels are decorated, so TRITON_INTERPRET=1 must be set
+before duojax.kernels.gpu.decode is imported, and no other test may share that import.
+Prints one JSON object {case: relative error}. The kernels are launched on torch CPU
+tensors through `Launch.torch`, with the same arguments the jax-triton ops pass
+(`launch.kv_parts`); in fp32 (the interpreter has no bf16 products), so the tolerance is
+fp32's. The GPU tests (tests/test_kernels_gpu.py) check the same kernels compiled, in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+
+
+def _fix_interpreter_scalars():
+  """Triton 3.6's interpreter turns a scalar into a shape-(1,) array and `int()` of that is an
+  error under numpy >= 2.? (`range(lo, hi)` with a loaded bound fails); read element 0."""
+  from triton.runtime import interpreter as ti
+  orig = ti._patch_lang_tensor
+
+  def patched(tensor, scope):
+    orig(tensor, scope)
+    scope.set_attr(tensor, "__index__",
+                   lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+  ti._patch_lang_tensor = patched
+
+
+_fix_interpreter_scalars()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
+
+from duojax import kv_quant  # noqa: E402
+from duojax.attention import reference  # noqa: E402
+from duojax.kernels.gpu import decode as kd  # noqa: E402
+from duojax.kernels.gpu import prefill as kp  # noqa: E402
+from duojax.kernels.gpu.launch import kv_bits, kv_parts  # noqa: E402
+
+SINK, RECENT = 4, 8
+_key = iter(range(10_000))
+
+
+def rnd(shape):
+  return jax.random.normal(jax.random.PRNGKey(next(_key)), shape, jnp.float32)
+
+
+def store(x, bits):
+  """x as a cache stores it: plain, or quantised with `bits`."""
+  return kv_quant.quantize(x, bits) if bits else x
+
+
+def tt(*xs):
+  """jax arrays -> torch CPU tensors (int32 / uint8 / int8 / fp32 as they are)."""
+  return [torch.from_numpy(np.array(x)) for x in xs]
+
+
+def rel(out, want) -> float:
+  out, want = np.asarray(out, np.float64), np.asarray(want, np.float64)
+  if np.isnan(out).any():
+    return float("nan")
+  return float(np.linalg.norm(out - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def parts(x):
+  return tt(*kv_parts(x, jnp.float32))
+
+
+def case_full_decode(bits, h, g, d):
+  b, s = 3, 150
+  lens = jnp.asarray([150, 1, 77], jnp.int32)
+  q = rnd((b, 1, h, g, d))
+  k, v = store(rnd((b, s, h, d)), bits), store(rnd((b, s, h, d)), bits)
+  q_pos = (lens - 1)[:, None]
+  split, comb = kd.full_decode_plans(q.shape, k.shape, jnp.float32, bits=kv_bits(k))
+  op, mp, lp = split.torch(*tt(q), *parts(k), *parts(v), *tt(q_pos, lens))
+  (out,) = comb.torch(op, mp, lp)
+  return rel(out.numpy(), reference.full_chunk_attention(q, k, v, q_pos, lens))
+
+
+def _stream_inputs(bits, b, t, h, g, d, start):
+  w = SINK + RECENT
+  q = rnd((b, t, h, g, d))
+  slot_k, slot_v = store(rnd((b, w, h, d)), bits), store(rnd((b, w, h, d)), bits)
+  from duojax.cache import stream_slot_positions  # the cache's own slot map (not the kernel's)
+  pos, valid = stream_slot_positions(start, SINK, RECENT)
+  k, v = store(rnd((b, t, h, d)), bits), store(rnd((b, t, h, d)), bits)
+  q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  return q, slot_k, slot_v, pos, valid, k, v, q_pos
+
+
+def case_stream_decode(bits, h, g, d):
+  start = jnp.asarray([0, 3, 40], jnp.int32)
+  n_valid = jnp.asarray([1, 1, 0], jnp.int32)  # a row with no new token sees only its slots
+  q, sk, sv, pos, valid, k, v, q_pos = _stream_inputs(bits, 3, 1, h, g, d, start)
+  plan = kd.stream_decode_plan(q.shape, sk.shape, jnp.float32, SINK, RECENT, bits=kv_bits(sk))
+  (out,) = plan.torch(*tt(q), *parts(sk), *parts(sv), *tt(kd.slot_positions(pos, valid)),
+                      *parts(k), *parts(v), *tt(q_pos, n_valid))
+  want = reference.streaming_chunk_attention(q, sk, sv, pos, valid, k, v, q_pos, n_valid, SINK,
+                                             RECENT)
+  keep = np.asarray(n_valid > 0) | np.asarray(valid.any(1))  # rows that see some key
+  return rel(out.numpy()[keep], np.asarray(want)[keep])
+
+
+def case_duo_decode(bits, hr, hs, g, d):
+  b, s = 3, 130
+  start = jnp.asarray([129, 0, 60], jnp.int32)
+  n_valid = jnp.ones((b,), jnp.int32)
+  h = hr + hs
+  q, sk, sv, pos, valid, k, v, q_pos = _stream_inputs(bits, b, 1, hs, g, d, start)
+  q = rnd((b, 1, h, g, d))
+  k_new, v_new = rnd((b, 1, h, d)), rnd((b, 1, h, d))
+  kc, vc = rnd((b, s, hr, d)), rnd((b, s, hr, d))
+  rows = jnp.arange(b)
+  kc = kc.at[rows, start].set(k_new[:, 0, :hr])  # the new token already in the cache
+  vc = vc.at[rows, start].set(v_new[:, 0, :hr])
+  kc, vc, kn, vn = (store(x, bits) for x in (kc, vc, k_new, v_new))
+  split, comb = kd.duo_decode_plans(q.shape, kc.shape, sk.shape, jnp.float32, SINK, RECENT,
+                                    bits=kv_bits(kc))
+  op, mp, lp = split.torch(*tt(q), *parts(kc), *parts(vc), *tt(q_pos, start + n_valid),
+                           *parts(sk), *parts(sv), *tt(kd.slot_positions(pos, valid)),
+                           *parts(kn), *parts(vn), *tt(n_valid))
+  (out,) = comb.torch(op, mp, lp)
+  sl = lambda x, a, z: jax.tree_util.tree_map(lambda y: y[:, :, a:z], x)
+  want = jnp.concatenate([
+      reference.full_chunk_attention(q[:, :, :hr], kc, vc, q_pos, start + n_valid),
+      reference.streaming_chunk_attention(q[:, :, hr:], sk, sv, pos, valid, sl(kn, hr, h),
+                                          sl(vn, hr, h), q_pos, n_valid, SINK, RECENT)], axis=2)
+  return rel(out.numpy(), want)
+
+
+def case_full_chunk(bits, h, g, d, partial=False):
+  b, t, s = 2, 5, 90
+  start = jnp.asarray([37, 0], jnp.int32)
+  n_valid = jnp.asarray([5, 3], jnp.int32)
+  q = rnd((b, t, h, g, d))
+  k, v = store(rnd((b, s, h, d)), bits), store(rnd((b, s, h, d)), bits)
+  q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  kv_len = start + n_valid
+  plan = kp.full_chunk_plan(q.shape, k.shape, jnp.float32, partial=partial, bits=kv_bits(k))
+  res = plan.torch(*tt(q), *parts(k), *parts(v), *tt(q_pos, kv_len))
+  want = np.asarray(reference.full_chunk_attention(q, k, v, q_pos, kv_len))
+  if partial:  # acc / l is the output
+    acc, _, l = (r.numpy() for r in res)
+    out = acc / np.maximum(l, 1e-30)[..., None]
+  else:
+    out = res[0].numpy()
+  valid = np.arange(t)[None, :] < np.asarray(n_valid)[:, None]
+  return rel(out[valid], want[valid])
+
+
+def case_stream_chunk(bits, h, g, d):
+  b, t = 2, 20
+  start = jnp.asarray([0, 31], jnp.int32)
+  n_valid = jnp.asarray([20, 17], jnp.int32)
+  q, sk, sv, pos, valid, k, v, q_pos = _stream_inputs(bits, b, t, h, g, d, start)
+  plan = kp.stream_chunk_plan(q.shape, sk.shape, jnp.float32, SINK, RECENT, bits=kv_bits(sk))
+  (out,) = plan.torch(*tt(q), *parts(sk), *parts(sv), *tt(kd.slot_positions(pos, valid)),
+                      *parts(k), *parts(v), *tt(q_pos, n_valid))
+  want = np.asarray(reference.streaming_chunk_attention(q, sk, sv, pos, valid, k, v, q_pos,
+                                                        n_valid, SINK, RECENT))
+  keep = np.arange(t)[None, :] < np.asarray(n_valid)[:, None]
+  return rel(out.numpy()[keep], want[keep])
+
+
+def cases():
+  """name -> thunk. Shapes: GQA (2 x 4, D 64), MHA with D 48 (not a power of two: the
+  int4 halves are 24 bytes, masked inside a 32-lane block), SmolLM2's G = 3."""
+  out = {}
+  for bits in (0, 8, 4):
+    for h, g, d in ((2, 4, 64), (3, 1, 48)):
+      out[f"full_decode-b{bits}-h{h}g{g}d{d}"] = lambda bits=bits, h=h, g=g, d=d: \
+          case_full_decode(bits, h, g, d)
+      out[f"full_chunk-b{bits}-h{h}g{g}d{d}"] = lambda bits=bits, h=h, g=g, d=d: \
+          case_full_chunk(bits, h, g, d)
+    out[f"stream_decode-b{bits}"] = lambda bits=bits: case_stream_decode(bits, 2, 3, 32)
+    out[f"duo_decode-b{bits}"] = lambda bits=bits: case_duo_decode(bits, 2, 1, 3, 32)
+    out[f"stream_chunk-b{bits}"] = lambda bits=bits: case_stream_chunk(bits, 2, 2, 32)
+  out["full_chunk_partial-b8"] = lambda: case_full_chunk(8, 2, 4, 64, partial=True)
+  return out
+
+
+if __name__ == "__main__":
+  want = set(sys.argv[1:])
+  res = {}
+  for name, f in cases().items():
+    if want and name not in want:
+      continue
+    try:
+      res[name] = f()
+    except Exception as e:  # noqa: BLE001 - reported per case, the test names it
+      res[name] = f"{type(e).__name__}: {e}"
+  print(json.dumps(res))
