@@ -1213,6 +1213,10 @@ def build_parser():
                   help="fraction the capacity shrinks by after a failed try")
   ap.add_argument("--unfused", action="store_true",
                   help="also time duo without the fused duo_decode op (batch 1)")
+  ap.add_argument("--fold-scales", action="store_true",
+                  help="quantised KV: the Triton decode kernels fold each key's scale and zero "
+                  "out of the products instead of dequantising every tile (`_scan` in "
+                  "duojax/kernels/gpu/decode.py); time it against a run without the flag")
   ap.add_argument("--no-hf", action="store_true", help="skip the PyTorch child (HF and peer)")
   ap.add_argument("--no-peer", dest="peer", action="store_false",
                   help="skip the CUDA-graph PyTorch peer (infer/torch_peer.py) in the child")
@@ -1269,6 +1273,9 @@ def main(argv=None):
     return rerender(args, out)
   check_args(args)
   args.argv = argv
+  if args.fold_scales:  # before any decode program is traced (capacity children parse it too)
+    from duojax.kernels.gpu import decode as kd
+    kd.DECODE_CONFIG["fold_scales"] = True
   if args.capacity_worker:
     res = capacity_worker(args, json.loads(args.capacity_worker))
     Path(args.capacity_result).write_text(json.dumps(res, indent=1))
@@ -1330,6 +1337,7 @@ def main(argv=None):
           "command": "python -m infer.bench_decode " + " ".join(argv),
           "copy_GBps": copy, "jax_copy_GBps": jax_copy, "torch_copy_GBps": torch_copy,
           "backend": args.backend, "steps": args.steps, "kv_dtype": args.kv_dtype,
+          "fold_scales": args.fold_scales,
           "weights_dtype": args.weights_dtype, "paths": resolve_paths(args),
           "mesh": mesh_spec(args) if resolve_paths(args) != ["plain"] else None,
           "device_count": jax.device_count()}

@@ -357,3 +357,31 @@ def test_quant_generate_gpu_vs_xla(kv_dtype):
   b = engine.generate(params, config, prompts, 12, mask=mask, prefill_chunk=16, backend="xla",
                       kv_dtype=kv_dtype)
   assert a.tokens == b.tokens
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quant_decode_folded_scales_gpu(bits):
+  """DECODE_CONFIG["fold_scales"]: the scales and zeros folded out of the products (not yet
+  the default: untimed) give the reference's values too, full and fused duo decode."""
+  from duojax.kernels.gpu import decode as kd
+  b, s, hr, hs, g, d, sink, recent, dtype = 3, 2001, 2, 2, 4, 128, 64, 256, jnp.bfloat16
+  w = sink + recent
+  lens = jnp.asarray([2001, 1, 700], jnp.int32)
+  start = lens - 1
+  q = rnd((b, 1, hr + hs, g, d), dtype)
+  kc, vc = qrnd((b, s, hr, d), bits), qrnd((b, s, hr, d), bits)
+  sk, sv = qrnd((b, w, hs, d), bits), qrnd((b, w, hs, d), bits)
+  k, v = qrnd((b, 1, hr + hs, d), bits), qrnd((b, 1, hr + hs, d), bits)
+  pos, valid = kvc.stream_slot_positions(start, sink, recent)
+  n_valid = jnp.ones((b,), jnp.int32)
+  kd.DECODE_CONFIG["fold_scales"] = True
+  try:
+    full = jax.jit(kg.full_decode)(q[:, :, :hr], kc, vc, start[:, None], lens)
+    duo = jax.jit(kg.duo_decode, static_argnums=(12, 13))(
+        q, kc, vc, start[:, None], lens, sk, sv, pos, valid, k, v, n_valid, sink, recent)
+  finally:
+    kd.DECODE_CONFIG["fold_scales"] = False
+  check(full, reference.full_chunk_attention(*f32(q[:, :, :hr]), kc, vc, start[:, None], lens),
+        dtype)
+  check(duo, reference.duo_decode_attention(*f32(q), kc, vc, start[:, None], lens, sk, sv, pos,
+                                            valid, k, v, n_valid, sink, recent), dtype)

@@ -186,7 +186,24 @@ def cases():
     out[f"duo_decode-b{bits}"] = lambda bits=bits: case_duo_decode(bits, 2, 1, 3, 32)
     out[f"stream_chunk-b{bits}"] = lambda bits=bits: case_stream_chunk(bits, 2, 2, 32)
   out["full_chunk_partial-b8"] = lambda: case_full_chunk(8, 2, 4, 64, partial=True)
+  # decode with the scales folded out of the products (DECODE_CONFIG["fold_scales"])
+  for bits in (8, 4):
+    out[f"full_decode-fold-b{bits}"] = lambda bits=bits: folded(case_full_decode, bits, 2, 4, 64)
+    out[f"full_decode-fold-b{bits}-mha-d48"] = lambda bits=bits: folded(case_full_decode, bits,
+                                                                         3, 1, 48)
+    out[f"stream_decode-fold-b{bits}"] = lambda bits=bits: folded(case_stream_decode, bits, 2, 3,
+                                                                  32)
+    out[f"duo_decode-fold-b{bits}"] = lambda bits=bits: folded(case_duo_decode, bits, 2, 1, 3, 32)
   return out
+
+
+def folded(case, *args):
+  """`case` with the decode kernels' folded dequantisation switched on."""
+  kd.DECODE_CONFIG["fold_scales"] = True
+  try:
+    return case(*args)
+  finally:
+    kd.DECODE_CONFIG["fold_scales"] = False
 
 
 if __name__ == "__main__":

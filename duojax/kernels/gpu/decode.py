@@ -37,7 +37,10 @@ from duojax.kernels.gpu.launch import (Launch, cdiv, dtype_name, kv_bits, kv_par
 # heads, G = 4 on an H100 (infer/bench_kernels.py --variants; the top five were within 2%).
 # 264 programs = two per SM of the H100's 132.
 DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs": 264,
-                 "max_splits": 128}
+                 "max_splits": 128,
+                 # quantised caches: scales and zeros folded out of the products (`_scan`)
+                 # instead of dequantising each tile; off until timed on a GPU
+                 "fold_scales": False}
 STREAM_DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 
 LOG2E = 1.4426950408889634
@@ -45,29 +48,39 @@ _FAR = 1 << 30  # position given to an empty streaming slot: never visible
 
 
 @triton.jit
+def load_codes(p, n, nmask, SROW: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+               BITS: tl.constexpr):
+  """Rows n [N] of quantised codes at p as [N, BD] int32 (0 where masked): int8 codes, or
+  uint8 bytes holding element i in the low nibble of byte i and element i + D/2 in the
+  high one (duojax/kv_quant.py). An int4 byte is loaded by the two lanes that use it: the
+  same DRAM traffic as loading it once, with no interleave to undo."""
+  offs_d = tl.arange(0, BD)
+  mask = nmask[:, None] & (offs_d < D)[None, :]
+  if BITS == 4:
+    low = offs_d < D // 2
+    byte = tl.where(low, offs_d, offs_d - D // 2)
+    raw = tl.load(p + n[:, None] * SROW + byte[None, :], mask=mask, other=0).to(tl.int32)
+    code = tl.where(low[None, :], raw & 15, raw >> 4)
+  else:
+    code = tl.load(p + n[:, None] * SROW + offs_d[None, :], mask=mask, other=0).to(tl.int32)
+  return code
+
+
+@triton.jit
 def load_kv(p, sp, zp, n, nmask, SROW: tl.constexpr, SSROW: tl.constexpr, D: tl.constexpr,
-             BD: tl.constexpr, BITS: tl.constexpr):
+            BD: tl.constexpr, BITS: tl.constexpr):
   """Rows n [N] of a key or value buffer as [N, BD] values (0 where masked).
 
   BITS 0: a plain buffer at p (row stride SROW), returned in its own dtype; sp / zp are
-  not read. BITS 8 / 4: codes at p (int8, or uint8 holding element i in the low nibble
-  of byte i and element i + D/2 in the high one: duojax/kv_quant.py), one fp32 scale and
-  zero per row at sp / zp (row stride SSROW), returned dequantised in fp32 (code * scale
-  + zero). An int4 byte is loaded by the two lanes that use it: the same DRAM traffic as
-  loading it once, with no interleave to undo.
+  not read. BITS 8 / 4: codes at p (`load_codes`), one fp32 scale and zero per row at sp /
+  zp (row stride SSROW), returned dequantised in fp32 (code * scale + zero).
   """
-  offs_d = tl.arange(0, BD)
-  mask = nmask[:, None] & (offs_d < D)[None, :]
   if BITS == 0:
-    x = tl.load(p + n[:, None] * SROW + offs_d[None, :], mask=mask, other=0.0)
+    offs_d = tl.arange(0, BD)
+    x = tl.load(p + n[:, None] * SROW + offs_d[None, :],
+                mask=nmask[:, None] & (offs_d < D)[None, :], other=0.0)
   else:
-    if BITS == 4:
-      low = offs_d < D // 2
-      byte = tl.where(low, offs_d, offs_d - D // 2)
-      raw = tl.load(p + n[:, None] * SROW + byte[None, :], mask=mask, other=0).to(tl.int32)
-      code = tl.where(low[None, :], raw & 15, raw >> 4)
-    else:
-      code = tl.load(p + n[:, None] * SROW + offs_d[None, :], mask=mask, other=0).to(tl.int32)
+    code = load_codes(p, n, nmask, SROW, D, BD, BITS)
     sc = tl.load(sp + n * SSROW, mask=nmask, other=0.0)
     zr = tl.load(zp + n * SSROW, mask=nmask, other=0.0)
     x = code.to(tl.float32) * sc[:, None] + zr[:, None]
@@ -96,15 +109,24 @@ def _load_row(p, sp, zp, D: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr):
 def _scan(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
           SKS: tl.constexpr, SVS: tl.constexpr, SSS: tl.constexpr, D: tl.constexpr,
           BD: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr,
-          IEEE: tl.constexpr, STREAM: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr):
+          IEEE: tl.constexpr, STREAM: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
+          FOLD: tl.constexpr = False):
   """Online softmax of q [GP, BD] over keys [lo, hi) at kp / vp (pointing at key lo;
   ksp ... vzp their scales and zeros when BITS > 0, row stride SSS).
 
   STREAM: key n sits at position pos_ptr[n] and is visible under the streaming
   mask; otherwise every key in [lo, hi) is visible (the caller bounded hi by the
   row's causal limit). Returns the unnormalised (m, l, acc) in fp32, base 2.
+
+  A quantised tile is dequantised in fp32 and rounded to q's dtype for the products; with
+  FOLD the scales and zeros move out of them instead, so the codes are only converted:
+  q . (c s + z) = s (q . c) + z sum(q) per key, and p @ (c s + z) = (p s) @ c + p . z
+  (codes are exact in bf16). Not yet timed against the tile dequantisation
+  (DECODE_CONFIG["fold_scales"] picks it).
   """
   offs_n = tl.arange(0, BLOCK_N)
+  if FOLD:
+    qsum = tl.sum(q.to(tl.float32), 1)  # [GP]: what each key's zero point adds to its logit
   for start in range(lo, hi, BLOCK_N):
     n = start + offs_n
     vis = n < hi
@@ -112,23 +134,37 @@ def _scan(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
       kpos = tl.load(pos_ptr + n, mask=vis, other=1 << 30)
       dist = qpos - kpos
       vis = vis & (dist >= 0) & ((kpos < SINK) | (dist < RECENT))
-    # a quantised tile is dequantised in fp32, then rounded to q's dtype for the product
-    k = load_kv(kp, ksp, kzp, offs_n, vis, SKS, SSS, D, BD, BITS).to(q.dtype)
-    v = load_kv(vp, vsp, vzp, offs_n, vis, SVS, SSS, D, BD, BITS).to(q.dtype)
+    if FOLD:
+      k = load_codes(kp, offs_n, vis, SKS, D, BD, BITS).to(q.dtype)
+      v = load_codes(vp, offs_n, vis, SVS, D, BD, BITS).to(q.dtype)
+    else:
+      k = load_kv(kp, ksp, kzp, offs_n, vis, SKS, SSS, D, BD, BITS).to(q.dtype)
+      v = load_kv(vp, vsp, vzp, offs_n, vis, SVS, SSS, D, BD, BITS).to(q.dtype)
     if IEEE:
       s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
       s = tl.dot(q, tl.trans(k))
+    if FOLD:
+      ks = tl.load(ksp + offs_n * SSS, mask=vis, other=0.0)
+      kz = tl.load(kzp + offs_n * SSS, mask=vis, other=0.0)
+      s = s * ks[None, :] + qsum[:, None] * kz[None, :]
     s = tl.where(vis[None, :], s * QK_SCALE, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no visible key
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    pv = p
+    if FOLD:
+      vs = tl.load(vsp + offs_n * SSS, mask=vis, other=0.0)
+      pv = p * vs[None, :]
     if IEEE:
-      acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+      acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision="ieee")
     else:
-      acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+      acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v)
+    if FOLD:
+      vz = tl.load(vzp + offs_n * SSS, mask=vis, other=0.0)
+      acc = acc + tl.sum(p * vz[None, :], 1)[:, None]  # every column gets the zeros' share
     m_i = m_new
     kp += BLOCK_N * SKS
     vp += BLOCK_N * SVS
@@ -203,7 +239,8 @@ def _full_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, OP, MP, LP,
                         SCB: tl.constexpr, SCS: tl.constexpr, SCH: tl.constexpr,
                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                         BD: tl.constexpr, BITS: tl.constexpr, NS: tl.constexpr,
-                        BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+                        BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr,
+                        FOLD: tl.constexpr):
   """K / V: plain values, or (BITS > 0) codes with per-row scales and zeros KS, KZ, VS,
   VZ (strides SC*; for a plain cache they repeat K / V and are never read)."""
   split = tl.program_id(0)
@@ -218,7 +255,7 @@ def _full_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, OP, MP, LP,
   acc = tl.zeros([GP, BD], tl.float32)
   m_i, l_i, acc = _scan(q, K + off, KS + soff, KZ + soff, V + off, VS + soff, VZ + soff, lo, hi,
                         QPOS, 0, m_i, l_i, acc, SKS, SKS, SCS, D, BD, BITS, BLOCK_N, QK_SCALE,
-                        IEEE, False, 0, 0)
+                        IEEE, False, 0, 0, FOLD)
   _store_partial(OP, MP, LP, ((b * H + h) * NS + split) * G, m_i, l_i, acc, G, GP, D, BD)
 
 
@@ -235,7 +272,8 @@ def _duo_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SK, SKS_, SKZ, SV, 
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                        BITS: tl.constexpr, NS: tl.constexpr, BLOCK_N: tl.constexpr,
                        SBLOCK_N: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
-                       QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+                       QK_SCALE: tl.constexpr, IEEE: tl.constexpr,
+                       FOLD: tl.constexpr):
   """One launch for a DuoAttention layer: programs [0, NS * HR) are the retrieval
   heads' splits over the full cache, programs [NS * HR, NS * HR + HS) the streaming
   heads over sink + ring + the new token. All write partials; `_combine_kernel`
@@ -255,7 +293,7 @@ def _duo_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SK, SKS_, SKZ, SV, 
     soff = b.to(tl.int64) * SCB + h * SCH + lo.to(tl.int64) * SCS
     m_i, l_i, acc = _scan(q, K + off, KS + soff, KZ + soff, V + off, VS + soff, VZ + soff, lo,
                           hi, QPOS, 0, m_i, l_i, acc, SKS, SKS, SCS, D, BD, BITS, BLOCK_N,
-                          QK_SCALE, IEEE, False, 0, 0)
+                          QK_SCALE, IEEE, False, 0, 0, FOLD)
     _store_partial(OP, MP, LP, ((b * (HR + HS) + h) * NS + split) * G, m_i, l_i, acc, G, GP, D,
                    BD)
   else:
@@ -267,7 +305,7 @@ def _duo_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SK, SKS_, SKZ, SV, 
     soff = b.to(tl.int64) * SSCB + hs * SSCH
     m_i, l_i, acc = _scan(q, SK + off, SKS_ + soff, SKZ + soff, SV + off, SVS_ + soff,
                           SVZ + soff, 0, W, SPOS + b * W, qpos, m_i, l_i, acc, SSW, SSW, SSCW,
-                          D, BD, BITS, SBLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT)
+                          D, BD, BITS, SBLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT, FOLD)
     nb = b.to(tl.int64) * SNB + h * SNH
     ns = b.to(tl.int64) * SNCB + h * SNCH
     m_i, l_i, acc = _add_new_token(q, KN + nb, KNS + ns, KNZ + ns, VN + nb, VNS + ns, VNZ + ns,
@@ -315,7 +353,8 @@ def _stream_decode_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, KN, KNS, KNZ, V
                           SNCH: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
                           GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                           BITS: tl.constexpr, BLOCK_N: tl.constexpr, SINK: tl.constexpr,
-                          RECENT: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+                          RECENT: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr,
+                          FOLD: tl.constexpr):
   h = tl.program_id(0)
   b = tl.program_id(1)
   qpos = tl.load(QPOS + b)
@@ -327,7 +366,7 @@ def _stream_decode_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, KN, KNS, KNZ, V
   soff = b.to(tl.int64) * SSCB + h * SSCH
   m_i, l_i, acc = _scan(q, SK + off, SKS_ + soff, SKZ + soff, SV + off, SVS_ + soff, SVZ + soff,
                         0, W, SPOS + b * W, qpos, m_i, l_i, acc, SSW, SSW, SSCW, D, BD, BITS,
-                        BLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT)
+                        BLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT, FOLD)
   nb = b.to(tl.int64) * SNB + h * SNH
   ns = b.to(tl.int64) * SNCB + h * SNCH
   m_i, l_i, acc = _add_new_token(q, KN + nb, KNS + ns, KNZ + ns, VN + nb, VNS + ns, VNZ + ns,
@@ -341,6 +380,11 @@ def _stream_decode_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, KN, KNS, KNZ, V
 
 
 # -- launch plans (static shapes only) ------------------------------------------------
+
+def _fold(bits: int, cfg) -> bool:
+  """Fold the scales out of the products (see `_scan`): only for a quantised cache."""
+  return bool(bits) and bool(cfg.get("fold_scales", False))
+
 
 def n_splits(b: int, h: int, s: int, cfg=None) -> int:
   cfg = cfg or DECODE_CONFIG
@@ -365,7 +409,8 @@ def full_decode_plans(q_shape, k_shape, dtype, cfg=None, bits: int = 0):
       (((b, h, ns, g, d), "float32"), ((b, h, ns, g), "float32"), ((b, h, ns, g), "float32")),
       dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], SCB=sc[0],
            SCS=sc[1], SCH=sc[2], H=h, G=g, GP=gp, D=d, BD=bd, BITS=bits, NS=ns,
-           BLOCK_N=cfg["block_n"], QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=ieee),
+           BLOCK_N=cfg["block_n"], QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=ieee,
+           FOLD=_fold(bits, cfg)),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
   return split, _combine_plan(q_shape, dtype, h, ns)
 
@@ -403,7 +448,8 @@ def duo_decode_plans(q_shape, k_shape, slot_shape, dtype, sink, recent, cfg=None
            SSCH=ssc[2], SNB=sn[0], SNH=sn[2], SNCB=snc[0], SNCH=snc[2], HR=hr, HS=hs, W=w,
            G=g, GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)), BITS=bits, NS=ns,
            BLOCK_N=cfg["block_n"], SBLOCK_N=scfg["block_n"], SINK=int(sink), RECENT=int(recent),
-           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32"),
+           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32",
+           FOLD=_fold(bits, cfg)),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
   return split, _combine_plan(q_shape, dtype, hr, ns)
 
@@ -421,7 +467,8 @@ def stream_decode_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None, bits:
            SSCW=ssc[1], SSCH=ssc[2], SNB=sn[0], SNH=sn[2], SNCB=snc[0], SNCH=snc[2], W=w, G=g,
            GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)), BITS=bits,
            BLOCK_N=cfg["block_n"], SINK=int(sink), RECENT=int(recent),
-           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32"),
+           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32",
+           FOLD=_fold(bits, DECODE_CONFIG)),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
