@@ -313,11 +313,8 @@ def handle_on_mesh(mesh, config: ModelConfig, params: dict, mask=None,
   if weights_dtype not in quant.WEIGHT_DTYPES:  # before compiling anything
     quant.quantize_params(params, weights_dtype)  # raises, naming the choices
   if mask is not None or weights_dtype != "bf16":
-    from duojax.model.llama import apply_head_mask
-
     def prepare(p):
-      return quant.quantize_params(p if mask is None else apply_head_mask(p, mask),
-                                   weights_dtype)
+      return model_handle.prepare_params(p, mask, weights_dtype)
     out = sharding.param_shardings(jax.eval_shape(prepare, params), mesh, config=config)
     params = jax.jit(prepare, out_shardings=out)(params)
   # quantised above (from_params would quantise again, on whichever device holds it)

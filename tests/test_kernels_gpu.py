@@ -54,6 +54,47 @@ def f32(*xs):
   return [x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in xs]
 
 
+def kv(shape, bits, dtype=jnp.bfloat16):
+  """A cache buffer: plain random values, or (bits 8 / 4) random values quantised."""
+  if not bits:
+    return rnd(shape, dtype)
+  from duojax import kv_quant
+  return kv_quant.quantize(rnd(shape, jnp.float32), bits)
+
+
+def ref(*xs):
+  """Inputs as the float32 reference takes them: plain arrays in fp32; a quantised buffer as
+  it is (the reference dequantises the same codes, so the comparison isolates the kernels'
+  unpacking, scales and zeros)."""
+  return [x if hasattr(x, "bits") else x.astype(jnp.float32) for x in xs]
+
+
+def fresh_jit(f, **kw):
+  """jax.jit of a new function object: JAX shares traces between jits of the same function,
+  and `folded_scales` changes what a trace builds without changing its arguments."""
+  return jax.jit(lambda *a: f(*a), **kw)
+
+
+class folded_scales:
+  """DECODE_CONFIG["fold_scales"] on inside the block: the decode kernels fold the scales
+  and zeros out of the products (not the default until timed). Trace with `fresh_jit`."""
+
+  def __init__(self, on: bool):
+    self.on = on
+
+  def __enter__(self):
+    from duojax.kernels.gpu import decode as kd
+    kd.DECODE_CONFIG["fold_scales"] = self.on
+
+  def __exit__(self, *exc):
+    from duojax.kernels.gpu import decode as kd
+    kd.DECODE_CONFIG["fold_scales"] = False
+
+
+# (bits, fold): plain, int8 and int4 caches, the quantised ones also with folded scales
+QUANT = [(0, False), (8, False), (4, False), (8, True), (4, True)]
+
+
 def check(out, want, dtype, valid_rows=None):
   out = np.asarray(out.astype(jnp.float32), np.float64)
   want = np.asarray(want, np.float64)
@@ -71,14 +112,19 @@ DECODE_SHAPES = SHAPES + [(3, 1, 128), (2, 4, 64)]
 
 
 @pytest.mark.parametrize("h,g,d", DECODE_SHAPES)
-@pytest.mark.parametrize("dtype", [jnp.bfloat16])
-def test_full_decode_gpu(h, g, d, dtype):
-  b, s = 4, 1037
+@pytest.mark.parametrize("bits,fold", QUANT)
+def test_full_decode_gpu(h, g, d, bits, fold):
+  b, s, dtype = 4, 1037, jnp.bfloat16
   lens = jnp.asarray([1037, 1, 517, 64], jnp.int32)
-  q, k, v = rnd((b, 1, h, g, d), dtype), rnd((b, s, h, d), dtype), rnd((b, s, h, d), dtype)
+  q, k, v = rnd((b, 1, h, g, d), dtype), kv((b, s, h, d), bits), kv((b, s, h, d), bits)
   q_pos = (lens - 1)[:, None]
-  out = jax.jit(kg.full_decode)(q, k, v, q_pos, lens)
-  check(out, reference.full_chunk_attention(*f32(q, k, v), q_pos, lens), dtype)
+  want = reference.full_chunk_attention(*ref(q, k, v), q_pos, lens)
+  with folded_scales(fold):
+    out = fresh_jit(kg.full_decode)(q, k, v, q_pos, lens)
+    # the partial route (context parallel's per-device op) reads the same buffers
+    m, l, acc = fresh_jit(kg.full_decode_partial)(q, k, v, q_pos, lens)
+  check(out, want, dtype)
+  check(acc / l[..., None], want, dtype)
 
 
 def test_full_decode_long_gpu():
@@ -103,19 +149,21 @@ def test_full_decode_fp32_gpu():
 
 @pytest.mark.parametrize("h,g,d", SHAPES)
 @pytest.mark.parametrize("sink,recent", [(64, 256), (0, 19)])
-def test_streaming_decode_gpu(h, g, d, sink, recent):
+@pytest.mark.parametrize("bits,fold", QUANT)
+def test_streaming_decode_gpu(h, g, d, sink, recent, bits, fold):
   b, dtype = 5, jnp.bfloat16
   w = sink + recent
   start = jnp.asarray([0, 3, w - 1, w + 5, 10_007], jnp.int32)  # tokens already cached
   q = rnd((b, 1, h, g, d), dtype)
-  sk, sv = rnd((b, w, h, d), dtype), rnd((b, w, h, d), dtype)
-  k, v = rnd((b, 1, h, d), dtype), rnd((b, 1, h, d), dtype)
+  sk, sv = kv((b, w, h, d), bits), kv((b, w, h, d), bits)
+  k, v = kv((b, 1, h, d), bits), kv((b, 1, h, d), bits)
   pos, valid = kvc.stream_slot_positions(start, sink, recent)
   q_pos, n_valid = start[:, None], jnp.ones((b,), jnp.int32)
   args = (pos, valid)
-  out = jax.jit(kg.streaming_decode, static_argnums=(9, 10))(
-      q, sk, sv, *args, k, v, q_pos, n_valid, sink, recent)
-  want = reference.streaming_chunk_attention(*f32(q, sk, sv), *args, *f32(k, v), q_pos, n_valid,
+  with folded_scales(fold):
+    out = fresh_jit(kg.streaming_decode, static_argnums=(9, 10))(
+        q, sk, sv, *args, k, v, q_pos, n_valid, sink, recent)
+  want = reference.streaming_chunk_attention(*ref(q, sk, sv), *args, *ref(k, v), q_pos, n_valid,
                                              sink, recent)
   check(out, want, dtype)
 
@@ -123,37 +171,41 @@ def test_streaming_decode_gpu(h, g, d, sink, recent):
 @pytest.mark.parametrize("hr,hs,g,d", [(1, 3, 1, 64), (2, 2, 4, 128), (2, 1, 3, 64),
                                         (5, 3, 1, 128)])
 @pytest.mark.parametrize("sink,recent", [(64, 256), (0, 19)])
-def test_duo_decode_gpu(hr, hs, g, d, sink, recent):
+@pytest.mark.parametrize("bits,fold", QUANT)
+def test_duo_decode_gpu(hr, hs, g, d, sink, recent, bits, fold):
   """The fused launch equals full + streaming references, concatenated."""
   b, s, dtype = 4, 1500, jnp.bfloat16
   w = sink + recent
   lens = jnp.asarray([1500, 1, 333, w + 7], jnp.int32)  # after the new token
   start = lens - 1
   q = rnd((b, 1, hr + hs, g, d), dtype)
-  kc, vc = rnd((b, s, hr, d), dtype), rnd((b, s, hr, d), dtype)
-  sk, sv = rnd((b, w, hs, d), dtype), rnd((b, w, hs, d), dtype)
-  k, v = rnd((b, 1, hr + hs, d), dtype), rnd((b, 1, hr + hs, d), dtype)
+  kc, vc = kv((b, s, hr, d), bits), kv((b, s, hr, d), bits)
+  sk, sv = kv((b, w, hs, d), bits), kv((b, w, hs, d), bits)
+  k, v = kv((b, 1, hr + hs, d), bits), kv((b, 1, hr + hs, d), bits)
   pos, valid = kvc.stream_slot_positions(start, sink, recent)
   args = (start[:, None], lens)
   n_valid = jnp.ones((b,), jnp.int32)
-  out = jax.jit(kg.duo_decode, static_argnums=(12, 13))(
-      q, kc, vc, *args, sk, sv, pos, valid, k, v, n_valid, sink, recent)
-  want = reference.duo_decode_attention(*f32(q, kc, vc), *args, *f32(sk, sv), pos, valid,
-                                        *f32(k, v), n_valid, sink, recent)
+  with folded_scales(fold):
+    out = fresh_jit(kg.duo_decode, static_argnums=(12, 13))(
+        q, kc, vc, *args, sk, sv, pos, valid, k, v, n_valid, sink, recent)
+  want = reference.duo_decode_attention(*ref(q, kc, vc), *args, *ref(sk, sv), pos, valid,
+                                        *ref(k, v), n_valid, sink, recent)
   check(out, want, dtype)
 
 
 @pytest.mark.parametrize("h,g,d", SHAPES)
-def test_full_chunk_gpu(h, g, d):
+@pytest.mark.parametrize("bits", [0, 8, 4])
+def test_full_chunk_gpu(h, g, d, bits):
+  """Quantised caches never take the tokamax route: the Triton kernel dequantises."""
   b, t, s, dtype = 3, 203, 1300, jnp.bfloat16
   start = jnp.asarray([0, 701, 333], jnp.int32)
   n_valid = jnp.asarray([203, 131, 7], jnp.int32)
   q = rnd((b, t, h, g, d), dtype)
-  kc, vc = rnd((b, s, h, d), dtype), rnd((b, s, h, d), dtype)
+  kc, vc = kv((b, s, h, d), bits), kv((b, s, h, d), bits)
   q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
   kv_len = start + n_valid
   out = jax.jit(kg.full_chunk)(q, kc, vc, q_pos, kv_len)
-  check(out, reference.full_chunk_attention(*f32(q, kc, vc), q_pos, kv_len), dtype)
+  check(out, reference.full_chunk_attention(*ref(q, kc, vc), q_pos, kv_len), dtype)
 
 
 @pytest.mark.parametrize("h,g,d", SHAPES)
@@ -181,19 +233,20 @@ def test_full_chunk_routes_gpu(h, g, d, route):
 
 @pytest.mark.parametrize("h,g,d", SHAPES)
 @pytest.mark.parametrize("sink,recent", [(64, 256), (16, 37)])
-def test_streaming_chunk_gpu(h, g, d, sink, recent):
+@pytest.mark.parametrize("bits", [0, 8, 4])
+def test_streaming_chunk_gpu(h, g, d, sink, recent, bits):
   b, t, dtype = 4, 517, jnp.bfloat16
   w = sink + recent
   start = jnp.asarray([0, 20, 1000, 50_000], jnp.int32)
   n_valid = jnp.asarray([517, 300, 1, 517], jnp.int32)
   q = rnd((b, t, h, g, d), dtype)
-  sk, sv = rnd((b, w, h, d), dtype), rnd((b, w, h, d), dtype)
-  k, v = rnd((b, t, h, d), dtype), rnd((b, t, h, d), dtype)
+  sk, sv = kv((b, w, h, d), bits), kv((b, w, h, d), bits)
+  k, v = kv((b, t, h, d), bits), kv((b, t, h, d), bits)
   pos, valid = kvc.stream_slot_positions(start, sink, recent)
   q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
   out = jax.jit(kg.streaming_chunk, static_argnums=(9, 10))(
       q, sk, sv, pos, valid, k, v, q_pos, n_valid, sink, recent)
-  want = reference.streaming_chunk_attention(*f32(q, sk, sv), pos, valid, *f32(k, v), q_pos,
+  want = reference.streaming_chunk_attention(*ref(q, sk, sv), pos, valid, *ref(k, v), q_pos,
                                              n_valid, sink, recent)
   check(out, want, dtype)
 
@@ -268,82 +321,8 @@ def test_triton_partial_route_under_shard_map_gpu(t, dtype):
   check(merged, want, dtype, valid_rows=live)
 
 
-# -- quantised caches (duojax.kv_quant): the kernels dequantise int8 / int4 tiles -------------
-# The reference dequantises the same codes (kv_quant.dequantize) before plain attention, so
-# the comparison isolates the kernels' unpacking (int4 nibbles), scales and zeros.
-
-def qrnd(shape, bits):
-  from duojax import kv_quant
-  return kv_quant.quantize(rnd(shape, jnp.float32), bits)
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("h,g,d", [(2, 4, 128), (3, 3, 64), (4, 1, 64)])
-def test_quant_full_decode_gpu(bits, h, g, d):
-  b, s, dtype = 3, 5003, jnp.bfloat16
-  lens = jnp.asarray([5003, 1, 1700], jnp.int32)
-  q, k, v = rnd((b, 1, h, g, d), dtype), qrnd((b, s, h, d), bits), qrnd((b, s, h, d), bits)
-  q_pos = (lens - 1)[:, None]
-  out = jax.jit(kg.full_decode)(q, k, v, q_pos, lens)
-  check(out, reference.full_chunk_attention(*f32(q), k, v, q_pos, lens), dtype)
-  # the partial route (context parallel's per-device op) reads the same codes
-  m, l, acc = jax.jit(kg.full_decode_partial)(q, k, v, q_pos, lens)
-  check(acc / l[..., None], reference.full_chunk_attention(*f32(q), k, v, q_pos, lens), dtype)
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("sink,recent", [(64, 256), (0, 19)])
-def test_quant_streaming_and_duo_decode_gpu(bits, sink, recent):
-  b, s, hr, hs, g, d, dtype = 4, 1500, 2, 2, 4, 128, jnp.bfloat16
-  w = sink + recent
-  lens = jnp.asarray([1500, 1, 333, w + 7], jnp.int32)  # after the new token
-  start = lens - 1
-  q = rnd((b, 1, hr + hs, g, d), dtype)
-  kc, vc = qrnd((b, s, hr, d), bits), qrnd((b, s, hr, d), bits)
-  sk, sv = qrnd((b, w, hs, d), bits), qrnd((b, w, hs, d), bits)
-  k, v = qrnd((b, 1, hr + hs, d), bits), qrnd((b, 1, hr + hs, d), bits)
-  pos, valid = kvc.stream_slot_positions(start, sink, recent)
-  n_valid = jnp.ones((b,), jnp.int32)
-  out = jax.jit(kg.duo_decode, static_argnums=(12, 13))(
-      q, kc, vc, start[:, None], lens, sk, sv, pos, valid, k, v, n_valid, sink, recent)
-  want = reference.duo_decode_attention(*f32(q), kc, vc, start[:, None], lens, sk, sv, pos,
-                                        valid, k, v, n_valid, sink, recent)
-  check(out, want, dtype)
-  ks, vs = (jax.tree_util.tree_map(lambda a: a[:, :, hr:], x) for x in (k, v))
-  out = jax.jit(kg.streaming_decode, static_argnums=(9, 10))(
-      q[:, :, hr:], sk, sv, pos, valid, ks, vs, start[:, None], n_valid, sink, recent)
-  want = reference.streaming_chunk_attention(*f32(q[:, :, hr:]), sk, sv, pos, valid, ks, vs,
-                                             start[:, None], n_valid, sink, recent)
-  check(out, want, dtype)
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("h,g,d", [(2, 4, 128), (3, 3, 64)])
-def test_quant_chunks_gpu(bits, h, g, d):
-  """Prefill chunks over a quantised cache: the retrieval heads' (never through tokamax)
-  and the streaming heads', ragged rows."""
-  b, t, s, dtype = 3, 203, 1300, jnp.bfloat16
-  start = jnp.asarray([0, 701, 333], jnp.int32)
-  n_valid = jnp.asarray([203, 131, 7], jnp.int32)
-  q = rnd((b, t, h, g, d), dtype)
-  kc, vc = qrnd((b, s, h, d), bits), qrnd((b, s, h, d), bits)
-  q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-  kv_len = start + n_valid
-  live = np.asarray(jnp.arange(t)[None] < n_valid[:, None])
-  out = jax.jit(kg.full_chunk)(q, kc, vc, q_pos, kv_len)
-  check(out, reference.full_chunk_attention(*f32(q), kc, vc, q_pos, kv_len), dtype,
-        valid_rows=live)
-  sink, recent = 16, 37
-  w = sink + recent
-  sk, sv = qrnd((b, w, h, d), bits), qrnd((b, w, h, d), bits)
-  k, v = qrnd((b, t, h, d), bits), qrnd((b, t, h, d), bits)
-  pos, valid = kvc.stream_slot_positions(start, sink, recent)
-  out = jax.jit(kg.streaming_chunk, static_argnums=(9, 10))(
-      q, sk, sv, pos, valid, k, v, q_pos, n_valid, sink, recent)
-  want = reference.streaming_chunk_attention(*f32(q), sk, sv, pos, valid, k, v, q_pos, n_valid,
-                                             sink, recent)
-  check(out, want, dtype, valid_rows=live)
-
+# -- quantised caches through the whole model ---------------------------------------------
+# (the kernels on int8 / int4 buffers: the `bits` cases of the tests above)
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
 def test_quant_generate_gpu_vs_xla(kv_dtype):
@@ -357,31 +336,3 @@ def test_quant_generate_gpu_vs_xla(kv_dtype):
   b = engine.generate(params, config, prompts, 12, mask=mask, prefill_chunk=16, backend="xla",
                       kv_dtype=kv_dtype)
   assert a.tokens == b.tokens
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quant_decode_folded_scales_gpu(bits):
-  """DECODE_CONFIG["fold_scales"]: the scales and zeros folded out of the products (not yet
-  the default: untimed) give the reference's values too, full and fused duo decode."""
-  from duojax.kernels.gpu import decode as kd
-  b, s, hr, hs, g, d, sink, recent, dtype = 3, 2001, 2, 2, 4, 128, 64, 256, jnp.bfloat16
-  w = sink + recent
-  lens = jnp.asarray([2001, 1, 700], jnp.int32)
-  start = lens - 1
-  q = rnd((b, 1, hr + hs, g, d), dtype)
-  kc, vc = qrnd((b, s, hr, d), bits), qrnd((b, s, hr, d), bits)
-  sk, sv = qrnd((b, w, hs, d), bits), qrnd((b, w, hs, d), bits)
-  k, v = qrnd((b, 1, hr + hs, d), bits), qrnd((b, 1, hr + hs, d), bits)
-  pos, valid = kvc.stream_slot_positions(start, sink, recent)
-  n_valid = jnp.ones((b,), jnp.int32)
-  kd.DECODE_CONFIG["fold_scales"] = True
-  try:
-    full = jax.jit(kg.full_decode)(q[:, :, :hr], kc, vc, start[:, None], lens)
-    duo = jax.jit(kg.duo_decode, static_argnums=(12, 13))(
-        q, kc, vc, start[:, None], lens, sk, sv, pos, valid, k, v, n_valid, sink, recent)
-  finally:
-    kd.DECODE_CONFIG["fold_scales"] = False
-  check(full, reference.full_chunk_attention(*f32(q[:, :, :hr]), kc, vc, start[:, None], lens),
-        dtype)
-  check(duo, reference.duo_decode_attention(*f32(q), kc, vc, start[:, None], lens, sk, sv, pos,
-                                            valid, k, v, n_valid, sink, recent), dtype)

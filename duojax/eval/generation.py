@@ -45,7 +45,7 @@ class GenSettings:
   # so it keys the compile like the shapes do (run_grid sets it per method).
   compensation: bool = False
   kv_dtype: str | None = None  # the cache's storage (kvc.init_cache): None, bf16, int8, int4
-  # The weights each method runs (grid.method_weights): bf16 (as loaded) or int8. It keys
+  # The weights each method runs (model.handle.prepare_params): bf16 (as loaded) or int8. It keys
   # the compiled programs too: int8 weights are QArrays, another argument structure.
   weights_dtype: str = "bf16"
   # A jax Mesh (duojax.sharding.make_mesh) to run on, None: one device. Its programs are the

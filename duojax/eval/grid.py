@@ -18,7 +18,7 @@ from duojax.data.mkniah import exact_value_match
 from duojax.data.niah import contains_answer, depth_grid, rouge1_recall
 from duojax.eval.generation import GenSettings, Programs, compile_programs, greedy_generate
 from duojax.eval.methods import BuiltMethod
-from duojax.model import llama
+from duojax.model.handle import prepare_params
 
 _SPLIT = "\u2063DUOJAX_SPLIT\u2063"  # a sentinel no chat template contains
 
@@ -145,17 +145,8 @@ def summarize(cells: list[dict], metric: str) -> dict:
 
 # -- running --------------------------------------------------------------------------
 
-def method_weights(params, mask, weights_dtype: str = "bf16"):
-  """The weights one method runs: `params` (stored head order) reordered for its mask,
-  then, for int8, quantised (duojax/model/quant.py). The order serving.load_model uses:
-  a QArray's per-channel scales would need reordering with its values otherwise."""
-  from duojax.model import quant
-  p = params if mask is None else llama.apply_head_mask(params, mask)
-  return quant.quantize_params(p, weights_dtype)
-
-
 def abstract_weights(params, weights_dtype: str = "bf16"):
-  """The shapes (ShapeDtypeStructs, QArrays for int8) of `method_weights`' result, for
+  """The shapes (ShapeDtypeStructs, QArrays for int8) of `prepare_params`' result, for
   compiling ahead of time without quantising anything."""
   if weights_dtype == "bf16":
     return params
@@ -174,7 +165,7 @@ def run_grid(params, config, tokenizer, cells: list[Cell], methods: list[BuiltMe
   its own copy). programs: a dict to keep the compiled programs in across calls
   (None: compiled for this call; every method's pair is compiled up front, in
   parallel: see generation.compile_programs). gen.weights_dtype "int8" runs each method
-  on its reordered weights quantised (`method_weights`). Returns (one dict per (method,
+  on its reordered weights quantised (model.handle.prepare_params). Returns (one dict per (method,
   cell), seconds per method, with "compile" the up-front compile time).
   """
   from tqdm.auto import tqdm
@@ -193,7 +184,7 @@ def run_grid(params, config, tokenizer, cells: list[Cell], methods: list[BuiltMe
   bar = tqdm(total=len(cells) * len(methods), desc="cells", unit="cell", disable=not progress)
   for bm in methods:
     t0 = time.perf_counter()
-    p = params if params is None else method_weights(params, bm.mask, gen.weights_dtype)
+    p = params if params is None else prepare_params(params, bm.mask, gen.weights_dtype)
     g = dataclasses.replace(gen, compensation=bm.method.compensation)
     for batch in batches:
       bar.set_postfix_str(f"{bm.method.name} {cells[batch[0]].length} tok")

@@ -34,7 +34,7 @@ class EvalModel:
   pattern_source: str | None
   dtype: str
   # bf16: `params` as loaded; int8: each method quantises its reordered copy
-  # (grid.method_weights), so `params` stay in the loaded dtype and stored head order
+  # (model.handle.prepare_params), so `params` stay in the loaded dtype and stored head order
   weights_dtype: str = "bf16"
 
 
@@ -56,7 +56,7 @@ def load_eval_model(ckpt: str | None, pattern: str | None = None, dtype: str | N
   quantises after reordering the heads for one mask, but an evaluation loads once and
   every method reorders its own copy, which int8 QArrays (values and per-channel scales)
   cannot be put through; so int8 is applied per method after its reorder
-  (grid.method_weights), giving what load_model(attention=that method,
+  (model.handle.prepare_params), giving what load_model(attention=that method,
   weights_dtype="int8") serves."""
   from duojax.eval.methods import resolve_pattern
   from duojax.model.quant import WEIGHT_DTYPES

@@ -21,7 +21,8 @@ import numpy as np
 from duojax import cache as kvc
 from duojax.config import ModelConfig, round_up
 from duojax.data.haystack import HaystackTokens
-from duojax.eval.grid import abstract_weights, check_haystack, method_weights
+from duojax.eval.grid import abstract_weights, check_haystack
+from duojax.model.handle import prepare_params
 from duojax.eval.methods import BuiltMethod
 from duojax.model import llama
 
@@ -89,7 +90,7 @@ def token_nll(params, config: ModelConfig, windows: np.ndarray, mask, chunk: int
               compiled=None, kv_dtype: str | None = None) -> np.ndarray:
   """windows int32 [B, T] -> nll [B, T - 1]: -log p(x[t+1] | x[:t+1]).
 
-  params must be reordered for `mask` (and may be int8: grid.method_weights);
+  params must be reordered for `mask` (and may be int8: model.handle.prepare_params);
   compensation: streaming heads keep the compensation token; compiled: this method's
   entry of `compile_steps` (None: the jitted step); kv_dtype: the cache's storage (None:
   `dtype`; int8 / int4: quantised per token per KV head, as serving stores it).
@@ -129,7 +130,7 @@ def evaluate(params, config: ModelConfig, hay: HaystackTokens, methods: list[Bui
 
   params: stored head order (each method reorders its own copy); kv_dtype: the cache's
   storage (None: the compute dtype; int8 / int4 quantised); weights_dtype: bf16, or int8
-  (each method's reordered weights quantised, grid.method_weights)."""
+  (each method's reordered weights quantised, model.handle.prepare_params)."""
   from tqdm.auto import tqdm
   if length < 2:
     raise ValueError(f"perplexity needs windows of >= 2 tokens, got {length}")
@@ -147,7 +148,7 @@ def evaluate(params, config: ModelConfig, hay: HaystackTokens, methods: list[Bui
   seconds["compile"] = round(time.perf_counter() - t0, 2)
   for bm in tqdm(methods, desc="ppl", unit="method", disable=not progress):
     t0 = time.perf_counter()
-    p = method_weights(params, bm.mask, weights_dtype)
+    p = prepare_params(params, bm.mask, weights_dtype)
     comp = bool(bm.method.compensation and bm.mask is not None)
     nll = token_nll(p, config, windows, bm.mask, chunk, backend, dtype, bm.method.compensation,
                     compiled[(bm.mask, comp)], kv_dtype).astype(np.float64)

@@ -99,6 +99,17 @@ def _layer_state(lp: dict) -> dict:
           "mlp": {n: lp[n] for n in M.MLP_NAMES}}
 
 
+def prepare_params(params: dict, mask=None, weights_dtype: str = "bf16") -> dict:
+  """The plain params dict as a model serves it for `mask`: the heads reordered (retrieval
+  heads first; None: as stored), then, for weights_dtype "int8", the projections quantised
+  (model/quant.py). In that order: a QArray's per-channel scales would otherwise need
+  reordering with its values."""
+  if mask is not None:
+    from duojax.model.llama import apply_head_mask
+    params = apply_head_mask(params, mask)
+  return quant.quantize_params(params, weights_dtype)
+
+
 def from_params(config: ModelConfig, params: dict, mask=None, *, reordered: bool = False,
                 splits=None, weights_dtype: str = "bf16") -> ModelHandle:
   """A handle from the plain params dict (per-layer list); see `Llama.from_params`.
@@ -108,10 +119,7 @@ def from_params(config: ModelConfig, params: dict, mask=None, *, reordered: bool
   weights_dtype: "int8" quantises the projections (model/quant.py) after the
   heads are reordered (a QArray's scales would otherwise need reordering too).
   """
-  if mask is not None and not reordered:
-    from duojax.model.llama import apply_head_mask
-    params = apply_head_mask(params, mask)
-  params = quant.quantize_params(params, weights_dtype)
+  params = prepare_params(params, None if reordered else mask, weights_dtype)
   if isinstance(params.get("layers"), dict):
     raise ValueError("a handle serves per-layer params; unstack them (a list of layer dicts)")
   splits = M.splits_for(config, mask) if splits is None else tuple(splits)
