@@ -153,6 +153,9 @@ def sample(logits: jax.Array, key: jax.Array, s: SamplingSettings) -> jax.Array:
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+SYNC_EVERY = 8  # decode steps between checks that every row stopped (see `decode`)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "backend", "max_new", "sampling", "eos"),
                    donate_argnames=("cache",))
 def decode(model: ModelHandle, config: ModelConfig, cache: kvc.KVCache, last_hidden: jax.Array,
@@ -161,7 +164,8 @@ def decode(model: ModelHandle, config: ModelConfig, cache: kvc.KVCache, last_hid
   """Generates up to max_new tokens per row in one compiled loop.
 
   model: a ModelHandle (merged here, inside the trace). Returns (tokens [B, max_new]
-  int32 (-1 after a row stopped), n_steps, cache).
+  int32 (-1 after a row stopped), n_steps, cache). n_steps counts the steps run: up to a
+  run of SYNC_EVERY past the one where the last row stopped (those tokens are -1).
   """
   m = _handle(model, config, cache=cache).module()
   b = last_hidden.shape[0]
@@ -182,7 +186,18 @@ def decode(model: ModelHandle, config: ModelConfig, cache: kvc.KVCache, last_hid
     return i + 1, cache, h[:, 0].astype(hidden.dtype), out, done, key
 
   state = (jnp.int32(0), cache, last_hidden, out, jnp.zeros((b,), bool), key)
-  i, cache, _, out, _, _ = jax.lax.while_loop(cond, body, state)
+  # On GPU a while loop whose condition depends on data copies that condition to the host
+  # and waits for it every iteration: the host cannot enqueue token i + 1's ~10 launches a
+  # layer while the device runs token i, so every launch gap lands in the step (the 1.3 ms
+  # fixed cost per token of issue 18). Steps therefore go in runs of SYNC_EVERY inside a
+  # loop of static trip count, which never syncs; "has every row stopped" is asked once a
+  # run (a row that stops mid-run decodes on, its tokens masked to -1, as it already did
+  # while other rows were running). A run divides max_new (so no run overshoots the cache's
+  # capacity, and the step is traced once); a max_new with no divisor in 2..SYNC_EVERY
+  # (a prime above it) keeps the plain loop.
+  run = max(d for d in range(1, min(SYNC_EVERY, max(max_new, 1)) + 1) if max_new % d == 0)
+  step = body if run == 1 else lambda s: jax.lax.fori_loop(0, run, lambda _, x: body(x), s)
+  i, cache, _, out, _, _ = jax.lax.while_loop(cond, step, state)
   return out, i, cache
 
 

@@ -233,7 +233,7 @@ def hf_worker(args):
   print(f"[hf] torch device copy: {copy} GB/s", flush=True)
   rows = []
   for name, config in model_configs(args.smoke).items():
-    if name not in args.models.split(",") and not args.smoke:
+    if (name not in args.models.split(",") and not args.smoke) or not args.hf_eager:
       continue
     hf = dict(config.to_hf())
     hf.pop("architectures", None)
@@ -1217,9 +1217,14 @@ def build_parser():
                   help="quantised KV: the Triton decode kernels fold each key's scale and zero "
                   "out of the products instead of dequantising every tile (`_scan` in "
                   "duojax/kernels/gpu/decode.py); time it against a run without the flag")
+  ap.add_argument("--sync-every", type=int, default=None,
+                  help="decode steps per check that every row stopped (engine.SYNC_EVERY; 1 is "
+                  "the loop before it: a host sync every token); time one against the other")
   ap.add_argument("--no-hf", action="store_true", help="skip the PyTorch child (HF and peer)")
   ap.add_argument("--no-peer", dest="peer", action="store_false",
                   help="skip the CUDA-graph PyTorch peer (infer/torch_peer.py) in the child")
+  ap.add_argument("--no-hf-eager", dest="hf_eager", action="store_false",
+                  help="in the PyTorch child, time only the CUDA-graph peer, not HF eager")
   ap.add_argument("--hf-models", default="llama3-8b,llama2-7b")
   ap.add_argument("--hf-contexts", default="8,32,128,256")
   ap.add_argument("--hf-contexts-mha", default="8,32,64",
@@ -1234,6 +1239,11 @@ def build_parser():
   ap.add_argument("--capacity-worker", help=argparse.SUPPRESS)
   ap.add_argument("--capacity-result", help=argparse.SUPPRESS)
   return ap
+
+
+def _sync_every(args) -> int:
+  from duojax import engine
+  return args.sync_every or engine.SYNC_EVERY
 
 
 def check_args(args) -> None:
@@ -1260,6 +1270,8 @@ def check_args(args) -> None:
     raise SystemExit("--capacity-backoff is a fraction in (0, 1), e.g. 0.03")
   if args.capacity_tries < 1 or args.steps < 1:
     raise SystemExit("--capacity-tries and --steps must be >= 1")
+  if args.sync_every is not None and args.sync_every < 1:
+    raise SystemExit("--sync-every must be >= 1 (1: a host sync every token)")
 
 
 def main(argv=None):
@@ -1276,6 +1288,9 @@ def main(argv=None):
   if args.fold_scales:  # before any decode program is traced (capacity children parse it too)
     from duojax.kernels.gpu import decode as kd
     kd.DECODE_CONFIG["fold_scales"] = True
+  if args.sync_every:  # read when engine.decode is traced
+    from duojax import engine
+    engine.SYNC_EVERY = args.sync_every
   if args.capacity_worker:
     res = capacity_worker(args, json.loads(args.capacity_worker))
     Path(args.capacity_result).write_text(json.dumps(res, indent=1))
@@ -1308,6 +1323,7 @@ def main(argv=None):
            "--models", args.hf_models, "--steps", "8",
            "--hf-contexts-mha", args.hf_contexts_mha, "--batches", args.batches,
            "--max-batch-ctx", str(args.max_batch_ctx)] + (["--no-peer"] if not args.peer else [])
+    cmd += [] if args.hf_eager else ["--no-hf-eager"]
     if args.smoke:
       cmd.append("--smoke")
       if args.contexts:
@@ -1337,7 +1353,7 @@ def main(argv=None):
           "command": "python -m infer.bench_decode " + " ".join(argv),
           "copy_GBps": copy, "jax_copy_GBps": jax_copy, "torch_copy_GBps": torch_copy,
           "backend": args.backend, "steps": args.steps, "kv_dtype": args.kv_dtype,
-          "fold_scales": args.fold_scales,
+          "fold_scales": args.fold_scales, "sync_every": _sync_every(args),
           "weights_dtype": args.weights_dtype, "paths": resolve_paths(args),
           "mesh": mesh_spec(args) if resolve_paths(args) != ["plain"] else None,
           "device_count": jax.device_count()}

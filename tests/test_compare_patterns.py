@@ -162,3 +162,24 @@ def test_quick_on_smollm2(smollm2_dir, tmp_path, capsys):
   cmp = json.loads((tmp_path / "o" / "compare.json").read_text())
   assert cmp["patterns"]["duo"]["method"] == "duo"
   assert cmp["summary"]["niah"]["rouge1_recall"]["full"]["mean"] > 0.5  # it answers at 300
+
+
+@pytest.mark.parametrize("name, method", [("qwen2.5-coder-0.5b", "duo"),
+                                          ("qwen2.5-coder-0.5b-razor", "razor"),
+                                          ("qwen2.5-coder-0.5b-rscore", "retrieval_score")])
+def test_shipped_qwen_patterns(name, method):
+  """Qwen2.5-Coder-0.5B's patterns, made on an H200 (issue 15): the gate-trained one is the
+  embedded model's default; at 0.5 it keeps the 24 highest gates of the 48 (from the tsv)."""
+  from duojax.checkpoint.embedded import shipped_pattern_dir
+  d = ROOT / "duojax" / "patterns" / name
+  pat = load_any(d)
+  assert pat.shape == (24, 2) and pat.metadata["method"] == method
+  if method != "duo":
+    assert 0.1 < pat.mask().retrieval_fraction < 0.4
+    return
+  assert shipped_pattern_dir("qwen2.5-coder-0.5b") == d
+  assert pat.metadata["steps"] == 400 and (pat.sink, pat.recent) == (128, 256)
+  gates = np.loadtxt(d / "full_attention_heads.tsv")
+  keep = np.zeros(gates.size, bool)
+  keep[np.argsort(-gates.ravel(), kind="stable")[:24]] = True
+  assert (pat.mask().as_array() == keep.reshape(gates.shape)).all()

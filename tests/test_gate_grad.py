@@ -127,14 +127,14 @@ def case():
   return params, tokens, lengths, loss_mask
 
 
-def _jax_loss(case, gates, student, reg=REG):
+def _jax_loss(case, gates, student, reg=REG, backend="xla"):
   params, tokens, lengths, loss_mask = case
   p64 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
 
   def f(g):
     return duo.gate_loss(g, p64, CFG, jnp.asarray(tokens), jnp.asarray(lengths),
                          jnp.asarray(loss_mask), sink=SINK, recent=RECENT, reg=reg,
-                         student=student, remat=False)
+                         student=student, remat=False, backend=backend)
   g = jnp.asarray(gates, jnp.float64)
   (val, aux), grad = jax.value_and_grad(f, has_aux=True)(g)
   return float(val), {k: float(v) for k, v in aux.items()}, np.asarray(grad)
@@ -204,6 +204,31 @@ def test_gradient_at_bounds_equals_one_sided_fd_from_inside(case, student):
     assert grad[idx] == pytest.approx(one_sided, rel=1e-4, abs=2e-5 * np.abs(grad).max())
     checked += 1
   assert checked == 4
+
+
+@pytest.mark.parametrize("takes", [True, False])
+def test_backend_with_only_a_causal_op_gives_the_oracle_loss_and_gradient(case, takes):
+  """The GPU backend's shape: a whole-sequence causal op (cuDNN there; the plain reference
+  stands in) and no streaming op, which then runs on the blocked XLA path, the two mixed
+  per head. An op that does not take the inputs' dtype is not called at all."""
+  from duojax.attention import dispatch, reference
+  calls = []
+
+  def causal(q, k, v, lengths):
+    calls.append(q.dtype)
+    return reference.dense_attention(q, k, v, lengths)
+
+  name = f"causal-only-{takes}"
+  dispatch.register_backend(name, {"dense_causal": causal, "dense_supports": lambda q: takes})
+  params, tokens, lengths, loss_mask = case
+  with _x64():
+    val, _, grad = _jax_loss(case, GATES, "deployed", backend=name)
+    _, _, grad_xla = _jax_loss(case, GATES, "deployed")
+  # 3 teacher layers + 3 student layers, traced once for the value and gradient
+  assert len(calls) == (6 if takes else 0)
+  assert val == pytest.approx(oracle_loss(params, tokens, lengths, loss_mask, GATES,
+                                          "deployed"), rel=1e-5)
+  np.testing.assert_allclose(grad, grad_xla, rtol=1e-6, atol=1e-9)
 
 
 def test_clamp_and_regulariser_primitives():

