@@ -300,8 +300,8 @@ def test_init_distributed_on_one_host_is_a_no_op(monkeypatch):
 
 
 def test_eval_mesh_flag_errors_before_loading(tmp_path, no_model, capsys):
-  """--mesh on duojax.eval: the product must match the devices, known axes only, no fsdp,
-  niah/mkniah/passkey only; each a clear error before any model is loaded."""
+  """--mesh on duojax.eval: the product must match the devices, known axes only, no fsdp
+  (ppl included); each a clear error before any model is loaded."""
   import jax
   from duojax.eval.__main__ import main
   n = jax.device_count()
@@ -313,8 +313,8 @@ def test_eval_mesh_flag_errors_before_loading(tmp_path, no_model, capsys):
   assert code == 2 and "unknown axis 'model'" in err, err
   code, err = _err(main, ["niah", *out, "--mesh", "fsdp=2"], capsys)
   assert code == 2 and "gate training" in err, err
-  code, err = _err(main, ["ppl", *out, "--mesh", f"data={n}"], capsys)
-  assert code == 2 and "not ppl" in err, err
+  code, err = _err(main, ["ppl", *out, "--mesh", f"sequence={n + 1}"], capsys)
+  assert code == 2 and f"uses {n + 1} devices but {n} are there" in err, err
 
 
 def test_identify_duo_mesh_flag_errors_name_valid_sizes(tmp_path, no_model, capsys):

@@ -64,8 +64,8 @@ def _common(ap: argparse.ArgumentParser, lengths: str) -> None:
                        "method after its head reordering, as serving.load_model does")
   ap.add_argument("--mesh", default=None,
                   help="device mesh, e.g. tensor=3 or data=2,sequence=4 (axes data, tensor, "
-                       "sequence; the sizes multiply to the device count); default: one "
-                       "device (niah, mkniah, passkey)")
+                       "sequence; the sizes multiply to the device count; ppl splits its "
+                       "windows over data); default: one device")
   ap.add_argument("--out", required=True, help="results JSON")
   ap.add_argument("--plot", default=None, help="PNG figure")
   ap.add_argument("--no-progress", action="store_true")
@@ -127,9 +127,6 @@ def check_args(a) -> None:
     raise validate.ArgumentError(f"{comp[0]}: the compensation token is built for "
                                  "unquantised caches only; drop +comp or use --kv-dtype bf16")
   if a.mesh:
-    if a.task == "ppl":
-      raise validate.ArgumentError("--mesh is wired for niah, mkniah and passkey, not ppl yet; "
-                                   "drop --mesh for ppl")
     from duojax.eval.harness import parse_eval_mesh
     mesh = parse_eval_mesh(a.mesh)  # the product must match the devices, before any loading
     if comp and mesh.shape["sequence"] > 1:
@@ -169,10 +166,10 @@ def _run(a) -> dict:
   if a.task == "ppl":
     doc = ppl.evaluate(model.params, model.config, hay, built, max(lengths),
                        a.samples or 2, lengths[:-1], a.prefill_chunk, backend, progress=progress,
-                       kv_dtype=a.kv_dtype, weights_dtype=model.weights_dtype)
+                       kv_dtype=a.kv_dtype, weights_dtype=model.weights_dtype, mesh=mesh)
     doc["settings"] = {"ckpt": model.name or str(model.ckpt), "haystack": hay_path,
                        "dtype": model.dtype, "pattern": model.pattern_source,
-                       "device": harness.device_info(), "prefill_chunk": a.prefill_chunk,
+                       "device": harness.device_info(mesh), "prefill_chunk": a.prefill_chunk,
                        "patterns": named, "kv_dtype": a.kv_dtype,
                        "weights_dtype": model.weights_dtype}
     if a.plot:
