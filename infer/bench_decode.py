@@ -1162,6 +1162,30 @@ def rerender(args, out):
   print(table)
 
 
+def parse_quant_decode_config(text: str) -> dict[int, dict]:
+  """--quant-decode-config's JSON -> {bits: overrides}; a clear error for anything else."""
+  from duojax.kernels.gpu.decode import DECODE_CONFIG
+  try:
+    raw = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise SystemExit(f"--quant-decode-config: not JSON ({e}); e.g. "
+                     '\'{"4": {"block_n": 128, "num_warps": 8}}\'') from None
+  if not isinstance(raw, dict):
+    raise SystemExit("--quant-decode-config: a JSON object of code widths, e.g. "
+                     '\'{"4": {"block_n": 128}}\'')
+  out = {}
+  for bits, cfg in raw.items():
+    if str(bits) not in ("8", "4") or not isinstance(cfg, dict):
+      raise SystemExit(f"--quant-decode-config: keys are code widths 8 or 4, each an object; "
+                       f"got {bits!r}: {cfg!r}")
+    bad = sorted(set(cfg) - set(DECODE_CONFIG))
+    if bad:
+      raise SystemExit(f"--quant-decode-config: unknown keys {bad}; known: "
+                       f"{sorted(DECODE_CONFIG)}")
+    out[int(bits)] = cfg
+  return out
+
+
 def build_parser():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", required=True)
@@ -1217,6 +1241,10 @@ def build_parser():
                   help="quantised KV: the Triton decode kernels fold each key's scale and zero "
                   "out of the products instead of dequantising every tile (`_scan` in "
                   "duojax/kernels/gpu/decode.py); time it against a run without the flag")
+  ap.add_argument("--quant-decode-config", default=None,
+                  help='quantised KV: the split-K decode kernel\'s tuning per code width, JSON '
+                  'such as \'{"4": {"block_n": 128, "num_warps": 8}}\' (keys of DECODE_CONFIG; '
+                  'replaces QUANT_DECODE_CONFIG in duojax/kernels/gpu/decode.py for that width)')
   ap.add_argument("--sync-every", type=int, default=None,
                   help="decode steps per check that every row stopped (engine.SYNC_EVERY; 1 is "
                   "the loop before it: a host sync every token); time one against the other")
@@ -1288,6 +1316,10 @@ def main(argv=None):
   if args.fold_scales:  # before any decode program is traced (capacity children parse it too)
     from duojax.kernels.gpu import decode as kd
     kd.DECODE_CONFIG["fold_scales"] = True
+  if args.quant_decode_config:  # the same: read when a decode launch is planned
+    from duojax.kernels.gpu import decode as kd
+    for bits, cfg in parse_quant_decode_config(args.quant_decode_config).items():
+      kd.QUANT_DECODE_CONFIG[bits] = cfg
   if args.sync_every:  # read when engine.decode is traced
     from duojax import engine
     engine.SYNC_EVERY = args.sync_every
@@ -1354,6 +1386,7 @@ def main(argv=None):
           "copy_GBps": copy, "jax_copy_GBps": jax_copy, "torch_copy_GBps": torch_copy,
           "backend": args.backend, "steps": args.steps, "kv_dtype": args.kv_dtype,
           "fold_scales": args.fold_scales, "sync_every": _sync_every(args),
+          "quant_decode_config": args.quant_decode_config,
           "weights_dtype": args.weights_dtype, "paths": resolve_paths(args),
           "mesh": mesh_spec(args) if resolve_paths(args) != ["plain"] else None,
           "device_count": jax.device_count()}

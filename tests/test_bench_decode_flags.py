@@ -194,3 +194,28 @@ def test_capacity_search_backs_off_under_a_cap(tmp_path, monkeypatch):
   assert r["floor_ms"] == pytest.approx((wb + kb) / 10e9 * 1e3)
   md = (tmp_path / "bench_capacity.md").read_text()
   assert f"| {r['ctx']} |" in md and "duo-0.5" in md
+
+
+def test_quant_decode_config_overrides_only_its_code_width(monkeypatch):
+  """--quant-decode-config: JSON per code width, checked keys; the plans of that width take
+  the override, bf16 and the other width keep DECODE_CONFIG."""
+  pytest.importorskip("triton")
+  import jax.numpy as jnp
+  from duojax.kernels.gpu import decode as kd
+  cfg = bd.parse_quant_decode_config('{"4": {"block_n": 128, "num_warps": 8}}')
+  assert cfg == {4: {"block_n": 128, "num_warps": 8}}
+  monkeypatch.setitem(kd.QUANT_DECODE_CONFIG, 4, cfg[4])
+  shape_q, shape_k = (1, 1, 4, 4, 128), (1, 8192, 4, 128)
+  split4, _ = kd.full_decode_plans(shape_q, shape_k, jnp.bfloat16, bits=4)
+  split8, _ = kd.full_decode_plans(shape_q, shape_k, jnp.bfloat16, bits=8)
+  split0, _ = kd.full_decode_plans(shape_q, shape_k, jnp.bfloat16)
+  assert (split4.consts["BLOCK_N"], split4.num_warps) == (128, 8)
+  for s in (split8, split0):
+    assert (s.consts["BLOCK_N"], s.num_warps) == (kd.DECODE_CONFIG["block_n"],
+                                                   kd.DECODE_CONFIG["num_warps"])
+  # splits follow the override's block size: 8192 keys / 128 = 64 blocks at most
+  assert split4.grid[0] == min(kd.cdiv(kd.DECODE_CONFIG["programs"], 4), 64)
+  for bad, msg in [('{"2": {}}', "code widths 8 or 4"), ('{"4": {"blockn": 1}}', "unknown keys"),
+                   ("[1]", "JSON object"), ("{4:", "not JSON")]:
+    with pytest.raises(SystemExit, match=msg):
+      bd.parse_quant_decode_config(bad)

@@ -21,20 +21,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 import numpy as np  # noqa: E402
 
 
-def _fix_interpreter_scalars():
-  """Triton 3.6's interpreter turns a scalar into a shape-(1,) array and `int()` of that is an
-  error under numpy >= 2.? (`range(lo, hi)` with a loaded bound fails); read element 0."""
-  from triton.runtime import interpreter as ti
-  orig = ti._patch_lang_tensor
+from duojax.kernels.gpu.launch import patch_interpreter_scalars  # noqa: E402
 
-  def patched(tensor, scope):
-    orig(tensor, scope)
-    scope.set_attr(tensor, "__index__",
-                   lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-  ti._patch_lang_tensor = patched
-
-
-_fix_interpreter_scalars()
+patch_interpreter_scalars()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

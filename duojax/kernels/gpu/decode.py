@@ -41,6 +41,9 @@ DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs": 264
                  # quantised caches: scales and zeros folded out of the products (`_scan`)
                  # instead of dequantising each tile; off until timed on a GPU
                  "fold_scales": False}
+# Quantised caches (bits 8 / 4): what differs from DECODE_CONFIG, timed apart because a
+# quantised tile is converted and scaled before its products (infer/bench_quant_variants.py)
+QUANT_DECODE_CONFIG: dict[int, dict] = {8: {}, 4: {}}
 STREAM_DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 
 LOG2E = 1.4426950408889634
@@ -381,6 +384,14 @@ def _stream_decode_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, KN, KNS, KNZ, V
 
 # -- launch plans (static shapes only) ------------------------------------------------
 
+def decode_config(bits: int, cfg=None) -> dict:
+  """The split-K kernel's tuning for a cache of `bits` (0: plain): `cfg` when given, else
+  DECODE_CONFIG with the quantised overrides of QUANT_DECODE_CONFIG."""
+  if cfg is not None:
+    return cfg
+  return {**DECODE_CONFIG, **QUANT_DECODE_CONFIG.get(bits, {})} if bits else DECODE_CONFIG
+
+
 def _fold(bits: int, cfg) -> bool:
   """Fold the scales out of the products (see `_scan`): only for a quantised cache."""
   return bool(bits) and bool(cfg.get("fold_scales", False))
@@ -395,7 +406,7 @@ def n_splits(b: int, h: int, s: int, cfg=None) -> int:
 def full_decode_plans(q_shape, k_shape, dtype, cfg=None, bits: int = 0):
   """q [B, 1, H, G, D]; k, v [B, S, H, D] (logical shape; bits 8 / 4: quantised, given
   as codes, scales, zeros) -> (split launch, combine launch). dtype: the compute dtype."""
-  cfg = cfg or DECODE_CONFIG
+  cfg = decode_config(bits, cfg)
   b, t, h, g, d = q_shape
   s = k_shape[1]
   assert t == 1
@@ -430,7 +441,7 @@ def duo_decode_plans(q_shape, k_shape, slot_shape, dtype, sink, recent, cfg=None
   """q [B, 1, Hr + Hs, G, D]; k, v [B, S, Hr, D]; slot k/v [B, W, Hs, D]; new k/v
   [B, 1, Hr + Hs, D] (logical shapes; bits 8 / 4: all of them quantised) -> (fused split
   launch, combine launch)."""
-  cfg = cfg or DECODE_CONFIG
+  cfg = decode_config(bits, cfg)
   scfg = scfg or STREAM_DECODE_CONFIG
   b, t, h, g, d = q_shape
   s, hr = k_shape[1], k_shape[2]
@@ -468,7 +479,7 @@ def stream_decode_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None, bits:
            GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)), BITS=bits,
            BLOCK_N=cfg["block_n"], SINK=int(sink), RECENT=int(recent),
            QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32",
-           FOLD=_fold(bits, DECODE_CONFIG)),
+           FOLD=_fold(bits, decode_config(bits))),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 

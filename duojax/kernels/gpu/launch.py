@@ -45,6 +45,21 @@ class Launch:
     return tuple(outs)
 
 
+def patch_interpreter_scalars():
+  """Triton 3.6's interpreter turns a scalar into a shape-(1,) array and `int()` of that is an
+  error under numpy >= 2.? (`range(lo, hi)` with a loaded bound fails); read element 0.
+  For CPU runs through TRITON_INTERPRET=1 only (tests, benchmark smoke checks)."""
+  import numpy as np
+  from triton.runtime import interpreter as ti
+  orig = ti._patch_lang_tensor
+
+  def patched(tensor, scope):
+    orig(tensor, scope)
+    scope.set_attr(tensor, "__index__",
+                   lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+  ti._patch_lang_tensor = patched
+
+
 def torch_dtype(d):
   import torch
   name = d if isinstance(d, str) else np.dtype(d).name
