@@ -11,7 +11,7 @@ This times the raw Triton launch (torch tensors, CUDA graphs, kernel + merge onl
 nothing but the kernel is in the figure:
 
   stage 1  block_n x num_warps x num_stages x programs, the layout as stored;
-  stage 2  the best three of stage 1 with the scales folded out of the products, and with
+  stage 2  the best --top (3) of stage 1 with the scales folded out of the products, and with
            the scales laid out otherwise. The kernel takes every stride as a constant, so
            other layouts need no kernel change: BSH (as stored: [B, S, H] scale and zero
            apart), BHS (head-major: a block's scales contiguous), BSH2 / BHS2 (scale and
@@ -37,6 +37,7 @@ LAYOUTS = ("BSH", "BHS", "BSH2", "BHS2", "BHS2-f16")
 
 
 DEV = "cuda"
+TOP = 3  # stage-1 variants taken into stage 2 (--top)
 
 
 def copy_GBps(torch, nbytes=2 * 2**30):
@@ -137,7 +138,7 @@ def run_shape(torch, kd, shape, bits, cbw, grid):
   one(dict(base, max_splits=kd.DECODE_CONFIG["max_splits"]), "BSH", 0)  # today's default
   for bn, w, st, p in grid:
     one(dict(base, block_n=bn, num_warps=w, num_stages=st, programs=p), "BSH", 1)
-  top = sorted([r for r in rows if "us" in r and r["stage"] == 1], key=lambda r: r["us"])[:1 if DEV == "cpu" else 3]
+  top = sorted([r for r in rows if "us" in r and r["stage"] == 1], key=lambda r: r["us"])[:1 if DEV == "cpu" else TOP]
   for r in top:
     cfg = dict(base, block_n=r["block_n"], num_warps=r["num_warps"],
                num_stages=r["num_stages"], programs=r["programs"])
@@ -197,13 +198,15 @@ def main(argv=None):
                   help="ctx in K tokens, KV heads, G, batch; ';' between shapes")
   ap.add_argument("--bits", default="8,4")
   ap.add_argument("--small-grid", action="store_true", help="12 stage-1 variants, not 36")
+  ap.add_argument("--top", type=int, default=3, help="stage-1 variants taken into stage 2")
   ap.add_argument("--smoke", action="store_true",
                   help="CPU, through Triton's interpreter (TRITON_INTERPRET=1): a tiny shape, "
                        "two variants; checks the script and that every layout gives the same "
                        "output, times nothing")
   args = ap.parse_args(argv)
   import torch
-  global DEV
+  global DEV, TOP
+  TOP = args.top
   if args.smoke:
     if os.environ.get("TRITON_INTERPRET") != "1":
       raise SystemExit("--smoke runs on Triton's interpreter: set TRITON_INTERPRET=1")

@@ -198,7 +198,7 @@ def test_capacity_search_backs_off_under_a_cap(tmp_path, monkeypatch):
 
 def test_quant_decode_config_overrides_only_its_code_width(monkeypatch):
   """--quant-decode-config: JSON per code width, checked keys; the plans of that width take
-  the override, bf16 and the other width keep DECODE_CONFIG."""
+  the override, the other width keeps its own QUANT_DECODE_CONFIG and bf16 DECODE_CONFIG."""
   pytest.importorskip("triton")
   import jax.numpy as jnp
   from duojax.kernels.gpu import decode as kd
@@ -210,9 +210,10 @@ def test_quant_decode_config_overrides_only_its_code_width(monkeypatch):
   split8, _ = kd.full_decode_plans(shape_q, shape_k, jnp.bfloat16, bits=8)
   split0, _ = kd.full_decode_plans(shape_q, shape_k, jnp.bfloat16)
   assert (split4.consts["BLOCK_N"], split4.num_warps) == (128, 8)
-  for s in (split8, split0):
-    assert (s.consts["BLOCK_N"], s.num_warps) == (kd.DECODE_CONFIG["block_n"],
-                                                   kd.DECODE_CONFIG["num_warps"])
+  for s, cfg in ((split8, {**kd.DECODE_CONFIG, **kd.QUANT_DECODE_CONFIG[8]}),
+                 (split0, kd.DECODE_CONFIG)):
+    assert (s.consts["BLOCK_N"], s.num_warps, s.consts["FOLD"]) == (
+        cfg["block_n"], cfg["num_warps"], bool(cfg["fold_scales"]) and s is split8)
   # splits follow the override's block size: 8192 keys / 128 = 64 blocks at most
   assert split4.grid[0] == min(kd.cdiv(kd.DECODE_CONFIG["programs"], 4), 64)
   for bad, msg in [('{"2": {}}', "code widths 8 or 4"), ('{"4": {"blockn": 1}}', "unknown keys"),

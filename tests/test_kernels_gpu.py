@@ -76,19 +76,23 @@ def fresh_jit(f, **kw):
 
 
 class folded_scales:
-  """DECODE_CONFIG["fold_scales"] on inside the block: the decode kernels fold the scales
-  and zeros out of the products (not the default until timed). Trace with `fresh_jit`."""
+  """Inside the block the quantised decode kernels fold the scales and zeros out of the
+  products (on) or dequantise each tile (off), whatever QUANT_DECODE_CONFIG's default for
+  the code width. Trace with `fresh_jit`."""
 
   def __init__(self, on: bool):
     self.on = on
 
   def __enter__(self):
     from duojax.kernels.gpu import decode as kd
-    kd.DECODE_CONFIG["fold_scales"] = self.on
+    self.saved = {b: dict(c) for b, c in kd.QUANT_DECODE_CONFIG.items()}
+    for c in kd.QUANT_DECODE_CONFIG.values():
+      c["fold_scales"] = self.on
 
   def __exit__(self, *exc):
     from duojax.kernels.gpu import decode as kd
-    kd.DECODE_CONFIG["fold_scales"] = False
+    kd.QUANT_DECODE_CONFIG.clear()
+    kd.QUANT_DECODE_CONFIG.update(self.saved)
 
 
 # (bits, fold): plain, int8 and int4 caches, the quantised ones also with folded scales

@@ -157,3 +157,28 @@ def test_infer_cli_int8_weights(tiny_ckpt, capsys):
   assert outs["int8"]["weights_dtype"] == "int8"
   assert len(outs["int8"]["generated_ids"]) == len(outs["bf16"]["generated_ids"]) == 6
   assert outs["int8"]["generated_ids"][:2] == outs["bf16"]["generated_ids"][:2]
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape,channels", [
+    ("bte,ehgd->bthgd", (2, 3, 32), (32, 2, 3, 8), (1, 2, 3)),   # wq
+    ("bte,ehd->bthd", (1, 5, 32), (32, 2, 8), (1, 2)),            # wk / wv
+    ("bthgd,hgde->bte", (2, 3, 2, 3, 8), (2, 3, 8, 32), (3,)),   # wo: three contracted axes
+    ("btf,fe->bte", (2, 1, 48), (48, 32), (1,)),                   # w_down
+    ("...e,ev->...v", (2, 3, 32), (32, 37), (1,))])                # lm_head, odd vocabulary
+def test_int8_einsum_scales_the_output_like_the_dequantised_weight(spec, x_shape, w_shape,
+                                                                   channels):
+  """quant.einsum puts the int8 codes into the product and scales its output; the oracle is
+  numpy in float64 on the dequantised weight (codes x scales written out here)."""
+  import qwix
+  kx, kw = jax.random.split(jax.random.PRNGKey(3))
+  x = jax.random.normal(kx, x_shape, jnp.float32)
+  w = jax.random.normal(kw, w_shape, jnp.float32)
+  q = qwix.quantize(w, jnp.int8, channelwise_axes=channels)
+  deq = np.asarray(q.qvalue, np.float64) * np.asarray(q.scale, np.float64)
+  want = np.einsum(spec, np.asarray(x, np.float64), deq)
+  got = quant.einsum(spec, x, q)
+  assert got.dtype == jnp.float32 and got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  # the lm_head asks for fp32 logits from bf16 activations
+  got16 = quant.einsum(spec, x.astype(jnp.bfloat16), q, preferred_element_type=jnp.float32)
+  assert got16.dtype == jnp.float32

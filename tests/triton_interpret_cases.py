@@ -175,24 +175,32 @@ def cases():
     out[f"duo_decode-b{bits}"] = lambda bits=bits: case_duo_decode(bits, 2, 1, 3, 32)
     out[f"stream_chunk-b{bits}"] = lambda bits=bits: case_stream_chunk(bits, 2, 2, 32)
   out["full_chunk_partial-b8"] = lambda: case_full_chunk(8, 2, 4, 64, partial=True)
-  # decode with the scales folded out of the products (DECODE_CONFIG["fold_scales"])
+  # decode with the scales folded out of the products and without, whatever the default
+  # (QUANT_DECODE_CONFIG) of each code width is
   for bits in (8, 4):
-    out[f"full_decode-fold-b{bits}"] = lambda bits=bits: folded(case_full_decode, bits, 2, 4, 64)
-    out[f"full_decode-fold-b{bits}-mha-d48"] = lambda bits=bits: folded(case_full_decode, bits,
-                                                                         3, 1, 48)
-    out[f"stream_decode-fold-b{bits}"] = lambda bits=bits: folded(case_stream_decode, bits, 2, 3,
-                                                                  32)
-    out[f"duo_decode-fold-b{bits}"] = lambda bits=bits: folded(case_duo_decode, bits, 2, 1, 3, 32)
+    for fold in (False, True):
+      tag = "fold" if fold else "nofold"
+      out[f"full_decode-{tag}-b{bits}"] = lambda bits=bits, fold=fold: with_fold(
+          fold, case_full_decode, bits, 2, 4, 64)
+      out[f"full_decode-{tag}-b{bits}-mha-d48"] = lambda bits=bits, fold=fold: with_fold(
+          fold, case_full_decode, bits, 3, 1, 48)
+      out[f"stream_decode-{tag}-b{bits}"] = lambda bits=bits, fold=fold: with_fold(
+          fold, case_stream_decode, bits, 2, 3, 32)
+      out[f"duo_decode-{tag}-b{bits}"] = lambda bits=bits, fold=fold: with_fold(
+          fold, case_duo_decode, bits, 2, 1, 3, 32)
   return out
 
 
-def folded(case, *args):
-  """`case` with the decode kernels' folded dequantisation switched on."""
-  kd.DECODE_CONFIG["fold_scales"] = True
+def with_fold(fold, case, *args):
+  """`case` with the quantised decode kernels' folded dequantisation on or off."""
+  saved = {b: dict(c) for b, c in kd.QUANT_DECODE_CONFIG.items()}
+  for c in kd.QUANT_DECODE_CONFIG.values():
+    c["fold_scales"] = fold
   try:
     return case(*args)
   finally:
-    kd.DECODE_CONFIG["fold_scales"] = False
+    kd.QUANT_DECODE_CONFIG.clear()
+    kd.QUANT_DECODE_CONFIG.update(saved)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,13 @@ DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs": 264
                  # instead of dequantising each tile; off until timed on a GPU
                  "fold_scales": False}
 # Quantised caches (bits 8 / 4): what differs from DECODE_CONFIG, timed apart because a
-# quantised tile is converted and scaled before its products (infer/bench_quant_variants.py)
-QUANT_DECODE_CONFIG: dict[int, dict] = {8: {}, 4: {}}
+# quantised tile is converted and scaled before its products. The best of a 12-point grid
+# (block_n, warps, programs) then the layouts and folding, 1M tokens x 4 KV heads x G 4 on
+# an H200 (python -m infer.bench_quant_variants; infer/results/h200-2026-12-03/): int8
+# 593 -> 490 us (1.8x its floor), int4 824 -> 714 us (5x: the nibble unpacking, not the
+# bytes, bounds it; no scale layout moved it by more than 1%).
+QUANT_DECODE_CONFIG: dict[int, dict] = {8: {"block_n": 128, "fold_scales": True},
+                                        4: {"programs": 528}}
 STREAM_DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 
 LOG2E = 1.4426950408889634
@@ -109,6 +114,90 @@ def _load_row(p, sp, zp, D: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _halves(x, R: tl.constexpr, BD: tl.constexpr):
+  """x [R, BD] -> (x[:, :BD/2], x[:, BD/2:]), in registers."""
+  return tl.split(tl.permute(tl.reshape(x, [R, 2, BD // 2]), (0, 2, 1)))
+
+
+@triton.jit
+def _unhalve(lo, hi, R: tl.constexpr, BD: tl.constexpr):
+  """The inverse of `_halves`: [R, BD/2] twice -> [R, BD]."""
+  return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), [R, BD])
+
+
+@triton.jit
+def _load_nibbles(p, sp, zp, n, nmask, SROW: tl.constexpr, SSROW: tl.constexpr,
+                  HD: tl.constexpr):
+  """Rows n [N] of an int4 buffer as its two halves [N, HD] (HD = D / 2), dequantised in
+  fp32: the low nibbles hold elements [0, D/2), the high ones [D/2, D) (duojax/kv_quant.py),
+  so each byte is loaded once and no lane selects between nibbles."""
+  offs = tl.arange(0, HD)
+  raw = tl.load(p + n[:, None] * SROW + offs[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+  sc = tl.load(sp + n * SSROW, mask=nmask, other=0.0)[:, None]
+  zr = tl.load(zp + n * SSROW, mask=nmask, other=0.0)[:, None]
+  return (raw & 15).to(tl.float32) * sc + zr, (raw >> 4).to(tl.float32) * sc + zr
+
+
+@triton.jit
+def _scan_nibbles(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
+                  SKS: tl.constexpr, SVS: tl.constexpr, SSS: tl.constexpr, BD: tl.constexpr,
+                  BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr,
+                  STREAM: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr):
+  """`_scan` over an int4 cache whose head dim is a power of two (BD == D): q and the
+  accumulator are kept as their two halves, matching the nibbles, so a tile's products
+  are q_lo k_lo^T + q_hi k_hi^T and p v_lo | p v_hi: the same work as one product over D,
+  half the loads, no nibble select."""
+  GP: tl.constexpr = q.shape[0]
+  HD: tl.constexpr = BD // 2
+  q_lo, q_hi = _halves(q, GP, BD)
+  acc_lo = tl.zeros([GP, HD], tl.float32)
+  acc_hi = tl.zeros([GP, HD], tl.float32)
+  m0 = m_i
+  offs_n = tl.arange(0, BLOCK_N)
+  for start in range(lo, hi, BLOCK_N):
+    n = start + offs_n
+    vis = n < hi
+    if STREAM:
+      kpos = tl.load(pos_ptr + n, mask=vis, other=1 << 30)
+      dist = qpos - kpos
+      vis = vis & (dist >= 0) & ((kpos < SINK) | (dist < RECENT))
+    k_lo, k_hi = _load_nibbles(kp, ksp, kzp, offs_n, vis, SKS, SSS, HD)
+    k_lo = k_lo.to(q.dtype)
+    k_hi = k_hi.to(q.dtype)
+    if IEEE:
+      s = (tl.dot(q_lo, tl.trans(k_lo), input_precision="ieee")
+           + tl.dot(q_hi, tl.trans(k_hi), input_precision="ieee"))
+    else:
+      s = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
+    s = tl.where(vis[None, :], s * QK_SCALE, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no visible key
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_lo, v_hi = _load_nibbles(vp, vsp, vzp, offs_n, vis, SVS, SSS, HD)
+    pv = p.to(q.dtype)
+    if IEEE:
+      acc_lo = acc_lo * alpha[:, None] + tl.dot(pv, v_lo.to(q.dtype), input_precision="ieee")
+      acc_hi = acc_hi * alpha[:, None] + tl.dot(pv, v_hi.to(q.dtype), input_precision="ieee")
+    else:
+      acc_lo = acc_lo * alpha[:, None] + tl.dot(pv, v_lo.to(q.dtype))
+      acc_hi = acc_hi * alpha[:, None] + tl.dot(pv, v_hi.to(q.dtype))
+    m_i = m_new
+    kp += BLOCK_N * SKS
+    vp += BLOCK_N * SVS
+    ksp += BLOCK_N * SSS
+    kzp += BLOCK_N * SSS
+    vsp += BLOCK_N * SSS
+    vzp += BLOCK_N * SSS
+  # the incoming state, rescaled to the final max (the product of the alphas); 0 if empty
+  m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+  keep = tl.where(m0 == float("-inf"), 0.0, tl.exp2(m0 - m_fin))
+  acc = acc * keep[:, None] + _unhalve(acc_lo, acc_hi, GP, BD)
+  return m_i, l_i, acc
+
+
+@triton.jit
 def _scan(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
           SKS: tl.constexpr, SVS: tl.constexpr, SSS: tl.constexpr, D: tl.constexpr,
           BD: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr,
@@ -124,57 +213,62 @@ def _scan(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
   A quantised tile is dequantised in fp32 and rounded to q's dtype for the products; with
   FOLD the scales and zeros move out of them instead, so the codes are only converted:
   q . (c s + z) = s (q . c) + z sum(q) per key, and p @ (c s + z) = (p s) @ c + p . z
-  (codes are exact in bf16). Not yet timed against the tile dequantisation
-  (DECODE_CONFIG["fold_scales"] picks it).
+  (codes are exact in bf16): measured faster for int8 (QUANT_DECODE_CONFIG), slower for
+  int4. int4 with a power-of-two head dim takes `_scan_nibbles` (unless FOLD).
   """
-  offs_n = tl.arange(0, BLOCK_N)
-  if FOLD:
-    qsum = tl.sum(q.to(tl.float32), 1)  # [GP]: what each key's zero point adds to its logit
-  for start in range(lo, hi, BLOCK_N):
-    n = start + offs_n
-    vis = n < hi
-    if STREAM:
-      kpos = tl.load(pos_ptr + n, mask=vis, other=1 << 30)
-      dist = qpos - kpos
-      vis = vis & (dist >= 0) & ((kpos < SINK) | (dist < RECENT))
+  if BITS == 4 and BD == D and D >= 32 and not FOLD:
+    m_i, l_i, acc = _scan_nibbles(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i,
+                                  l_i, acc, SKS, SVS, SSS, BD, BLOCK_N, QK_SCALE, IEEE, STREAM,
+                                  SINK, RECENT)
+  else:
+    offs_n = tl.arange(0, BLOCK_N)
     if FOLD:
-      k = load_codes(kp, offs_n, vis, SKS, D, BD, BITS).to(q.dtype)
-      v = load_codes(vp, offs_n, vis, SVS, D, BD, BITS).to(q.dtype)
-    else:
-      k = load_kv(kp, ksp, kzp, offs_n, vis, SKS, SSS, D, BD, BITS).to(q.dtype)
-      v = load_kv(vp, vsp, vzp, offs_n, vis, SVS, SSS, D, BD, BITS).to(q.dtype)
-    if IEEE:
-      s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-      s = tl.dot(q, tl.trans(k))
-    if FOLD:
-      ks = tl.load(ksp + offs_n * SSS, mask=vis, other=0.0)
-      kz = tl.load(kzp + offs_n * SSS, mask=vis, other=0.0)
-      s = s * ks[None, :] + qsum[:, None] * kz[None, :]
-    s = tl.where(vis[None, :], s * QK_SCALE, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no visible key
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    pv = p
-    if FOLD:
-      vs = tl.load(vsp + offs_n * SSS, mask=vis, other=0.0)
-      pv = p * vs[None, :]
-    if IEEE:
-      acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision="ieee")
-    else:
-      acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v)
-    if FOLD:
-      vz = tl.load(vzp + offs_n * SSS, mask=vis, other=0.0)
-      acc = acc + tl.sum(p * vz[None, :], 1)[:, None]  # every column gets the zeros' share
-    m_i = m_new
-    kp += BLOCK_N * SKS
-    vp += BLOCK_N * SVS
-    ksp += BLOCK_N * SSS
-    kzp += BLOCK_N * SSS
-    vsp += BLOCK_N * SSS
-    vzp += BLOCK_N * SSS
+      qsum = tl.sum(q.to(tl.float32), 1)  # [GP]: what each key's zero point adds to its logit
+    for start in range(lo, hi, BLOCK_N):
+      n = start + offs_n
+      vis = n < hi
+      if STREAM:
+        kpos = tl.load(pos_ptr + n, mask=vis, other=1 << 30)
+        dist = qpos - kpos
+        vis = vis & (dist >= 0) & ((kpos < SINK) | (dist < RECENT))
+      if FOLD:
+        k = load_codes(kp, offs_n, vis, SKS, D, BD, BITS).to(q.dtype)
+        v = load_codes(vp, offs_n, vis, SVS, D, BD, BITS).to(q.dtype)
+      else:
+        k = load_kv(kp, ksp, kzp, offs_n, vis, SKS, SSS, D, BD, BITS).to(q.dtype)
+        v = load_kv(vp, vsp, vzp, offs_n, vis, SVS, SSS, D, BD, BITS).to(q.dtype)
+      if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+      else:
+        s = tl.dot(q, tl.trans(k))
+      if FOLD:
+        ks = tl.load(ksp + offs_n * SSS, mask=vis, other=0.0)
+        kz = tl.load(kzp + offs_n * SSS, mask=vis, other=0.0)
+        s = s * ks[None, :] + qsum[:, None] * kz[None, :]
+      s = tl.where(vis[None, :], s * QK_SCALE, float("-inf"))
+      m_new = tl.maximum(m_i, tl.max(s, 1))
+      m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no visible key
+      alpha = tl.exp2(m_i - m_safe)
+      p = tl.exp2(s - m_safe[:, None])
+      l_i = l_i * alpha + tl.sum(p, 1)
+      pv = p
+      if FOLD:
+        vs = tl.load(vsp + offs_n * SSS, mask=vis, other=0.0)
+        pv = p * vs[None, :]
+      if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision="ieee")
+      else:
+        acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v)
+      if FOLD:
+        vz = tl.load(vzp + offs_n * SSS, mask=vis, other=0.0)
+        acc = acc + tl.sum(p * vz[None, :], 1)[:, None]  # every column gets the zeros' share
+      m_i = m_new
+      kp += BLOCK_N * SKS
+      vp += BLOCK_N * SVS
+      ksp += BLOCK_N * SSS
+      kzp += BLOCK_N * SSS
+      vsp += BLOCK_N * SSS
+      vzp += BLOCK_N * SSS
   return m_i, l_i, acc
 
 
