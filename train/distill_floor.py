@@ -35,9 +35,9 @@ import numpy as np
 SETTINGS = ("1.0", "0.998", "0.99", "0.9", "0.5")
 
 
-def gate_settings(shape, pattern: str | None) -> dict[str, np.ndarray]:
-  out = {s: np.full(shape, float(s), np.float32) for s in SETTINGS}
-  if pattern:
+def gate_settings(shape, pattern: str | None, which=SETTINGS) -> dict[str, np.ndarray]:
+  out = {s: np.full(shape, float(s), np.float32) for s in which if s != "trained"}
+  if pattern and "trained" in which:
     tsv = Path(pattern) / "full_attention_heads.tsv"
     if not tsv.exists():
       raise SystemExit(f"--pattern {pattern}: no full_attention_heads.tsv there (a pattern "
@@ -62,6 +62,8 @@ def main(argv=None):
   ap.add_argument("--lengths", default="2048", help="comma list of sample lengths in tokens")
   ap.add_argument("--samples", type=int, default=2, help="passkey samples per length")
   ap.add_argument("--pattern", default=None, help="a trained pattern folder: its gates too")
+  ap.add_argument("--gates", default=",".join((*SETTINGS, "trained")),
+                  help="gate settings: values for every gate, and `trained` (--pattern's)")
   ap.add_argument("--sink", type=int, default=128)
   ap.add_argument("--recent", type=int, default=256)
   ap.add_argument("--out", required=True)
@@ -83,7 +85,7 @@ def main(argv=None):
   tok = store.load_tokenizer(folder)
   hay = HaystackTokens(load_haystack(args.haystack), tok, line_breaks=False)
   shape = (config.num_layers, config.num_kv_heads)
-  settings = gate_settings(shape, args.pattern)
+  settings = gate_settings(shape, args.pattern, args.gates.split(","))
   stacked = {dt: llama.stack_layers(jax.tree_util.tree_map(lambda x: jnp.asarray(x, dt), params))
              for dt in (jnp.bfloat16, jnp.float32)}
   del params
