@@ -1239,8 +1239,10 @@ def build_parser():
                   help="also time duo without the fused duo_decode op (batch 1)")
   ap.add_argument("--fold-scales", action="store_true",
                   help="quantised KV: the Triton decode kernels fold each key's scale and zero "
-                  "out of the products instead of dequantising every tile (`_scan` in "
-                  "duojax/kernels/gpu/decode.py); time it against a run without the flag")
+                  "out of the products instead of dequantising every tile, for int8 and int4 "
+                  "(`_scan` in duojax/kernels/gpu/decode.py; int8 folds by default, "
+                  "QUANT_DECODE_CONFIG); turn it off with --quant-decode-config "
+                  "'{\"8\": {\"fold_scales\": false}}'")
   ap.add_argument("--quant-decode-config", default=None,
                   help='quantised KV: the split-K decode kernel\'s tuning per code width, JSON '
                   'such as \'{"4": {"block_n": 128, "num_warps": 8}}\' (keys of DECODE_CONFIG; '
@@ -1315,7 +1317,8 @@ def main(argv=None):
   args.argv = argv
   if args.fold_scales:  # before any decode program is traced (capacity children parse it too)
     from duojax.kernels.gpu import decode as kd
-    kd.DECODE_CONFIG["fold_scales"] = True
+    for cfg in kd.QUANT_DECODE_CONFIG.values():
+      cfg["fold_scales"] = True
   if args.quant_decode_config:  # the same: read when a decode launch is planned
     from duojax.kernels.gpu import decode as kd
     for bits, cfg in parse_quant_decode_config(args.quant_decode_config).items():

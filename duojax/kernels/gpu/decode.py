@@ -114,6 +114,31 @@ def _load_row(p, sp, zp, D: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _visible(n, hi, pos_ptr, qpos, STREAM: tl.constexpr, SINK: tl.constexpr,
+             RECENT: tl.constexpr):
+  """Which keys n [N] of a block count: those before hi, and with STREAM those that key
+  position pos_ptr[n] puts inside the streaming mask (sink, or within recent of qpos)."""
+  vis = n < hi
+  if STREAM:
+    kpos = tl.load(pos_ptr + n, mask=vis, other=1 << 30)
+    dist = qpos - kpos
+    vis = vis & (dist >= 0) & ((kpos < SINK) | (dist < RECENT))
+  return vis
+
+
+@triton.jit
+def _online_softmax(s, vis, m_i, l_i, QK_SCALE: tl.constexpr):
+  """One block's logits s [GP, N] into the running (m, l), base 2 -> (m_new, alpha, p,
+  l_new): alpha rescales the old accumulator, p [GP, N] weighs this block's values."""
+  s = tl.where(vis[None, :], s * QK_SCALE, float("-inf"))
+  m_new = tl.maximum(m_i, tl.max(s, 1))
+  m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no visible key
+  alpha = tl.exp2(m_i - m_safe)
+  p = tl.exp2(s - m_safe[:, None])
+  return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _halves(x, R: tl.constexpr, BD: tl.constexpr):
   """x [R, BD] -> (x[:, :BD/2], x[:, BD/2:]), in registers."""
   return tl.split(tl.permute(tl.reshape(x, [R, 2, BD // 2]), (0, 2, 1)))
@@ -155,12 +180,7 @@ def _scan_nibbles(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i
   m0 = m_i
   offs_n = tl.arange(0, BLOCK_N)
   for start in range(lo, hi, BLOCK_N):
-    n = start + offs_n
-    vis = n < hi
-    if STREAM:
-      kpos = tl.load(pos_ptr + n, mask=vis, other=1 << 30)
-      dist = qpos - kpos
-      vis = vis & (dist >= 0) & ((kpos < SINK) | (dist < RECENT))
+    vis = _visible(start + offs_n, hi, pos_ptr, qpos, STREAM, SINK, RECENT)
     k_lo, k_hi = _load_nibbles(kp, ksp, kzp, offs_n, vis, SKS, SSS, HD)
     k_lo = k_lo.to(q.dtype)
     k_hi = k_hi.to(q.dtype)
@@ -169,12 +189,7 @@ def _scan_nibbles(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i
            + tl.dot(q_hi, tl.trans(k_hi), input_precision="ieee"))
     else:
       s = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
-    s = tl.where(vis[None, :], s * QK_SCALE, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no visible key
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    m_new, alpha, p, l_i = _online_softmax(s, vis, m_i, l_i, QK_SCALE)
     v_lo, v_hi = _load_nibbles(vp, vsp, vzp, offs_n, vis, SVS, SSS, HD)
     pv = p.to(q.dtype)
     if IEEE:
@@ -225,12 +240,7 @@ def _scan(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
     if FOLD:
       qsum = tl.sum(q.to(tl.float32), 1)  # [GP]: what each key's zero point adds to its logit
     for start in range(lo, hi, BLOCK_N):
-      n = start + offs_n
-      vis = n < hi
-      if STREAM:
-        kpos = tl.load(pos_ptr + n, mask=vis, other=1 << 30)
-        dist = qpos - kpos
-        vis = vis & (dist >= 0) & ((kpos < SINK) | (dist < RECENT))
+      vis = _visible(start + offs_n, hi, pos_ptr, qpos, STREAM, SINK, RECENT)
       if FOLD:
         k = load_codes(kp, offs_n, vis, SKS, D, BD, BITS).to(q.dtype)
         v = load_codes(vp, offs_n, vis, SVS, D, BD, BITS).to(q.dtype)
@@ -245,12 +255,7 @@ def _scan(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
         ks = tl.load(ksp + offs_n * SSS, mask=vis, other=0.0)
         kz = tl.load(kzp + offs_n * SSS, mask=vis, other=0.0)
         s = s * ks[None, :] + qsum[:, None] * kz[None, :]
-      s = tl.where(vis[None, :], s * QK_SCALE, float("-inf"))
-      m_new = tl.maximum(m_i, tl.max(s, 1))
-      m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no visible key
-      alpha = tl.exp2(m_i - m_safe)
-      p = tl.exp2(s - m_safe[:, None])
-      l_i = l_i * alpha + tl.sum(p, 1)
+      m_new, alpha, p, l_i = _online_softmax(s, vis, m_i, l_i, QK_SCALE)
       pv = p
       if FOLD:
         vs = tl.load(vsp + offs_n * SSS, mask=vis, other=0.0)
