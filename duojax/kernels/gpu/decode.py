@@ -45,10 +45,11 @@ DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs": 264
 # quantised tile is converted and scaled before its products. The best of a 12-point grid
 # (block_n, warps, programs) then the layouts and folding, 1M tokens x 4 KV heads x G 4 on
 # an H200 (python -m infer.bench_quant_variants; infer/results/h200-2026-12-03/): int8
-# 593 -> 490 us (1.8x its floor), int4 824 -> 714 us (5x: the nibble unpacking, not the
-# bytes, bounds it; no scale layout moved it by more than 1%).
+# 593 -> 490 us (1.8x its floor). int4 was 824 -> 714 us (528 programs) when each lane
+# picked its nibble; with `_scan_nibbles` (each byte loaded once) its default is 529 us
+# and block_n 128 is 482 us, 3.4x its floor (infer/results/h200-2026-12-03-late/).
 QUANT_DECODE_CONFIG: dict[int, dict] = {8: {"block_n": 128, "fold_scales": True},
-                                        4: {"programs": 528}}
+                                        4: {"block_n": 128}}
 STREAM_DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 
 LOG2E = 1.4426950408889634
