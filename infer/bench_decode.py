@@ -1105,15 +1105,18 @@ def path_base(impl: str) -> str:
 
 
 def plot(rows, hf_rows, path):
+  """One panel per model and batch size: ms per token against context, each configuration
+  beside its floor (dotted) and the PyTorch peers (gray)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  models = sorted({r["model"] for r in rows})
-  fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-  for ax, m in zip(axes[0], models):
+  panels = sorted({(r["model"], r["batch"]) for r in rows if "ms_per_token" in r}) or \
+      sorted({(r["model"], 1) for r in rows})
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+  for ax, (m, b) in zip(axes[0], panels):
     groups = {}
     for r in rows:
-      if r["model"] == m and r["batch"] == 1 and "ms_per_token" in r:
+      if r["model"] == m and r["batch"] == b and "ms_per_token" in r:
         impl, kv, wd = _variant(r)
         parts = [r["config"]] + ([impl] if r.get("path", "plain") != "plain" else [])
         parts += ([f"KV {kv}"] if kv != "bf16" else []) + ([f"w {wd}"] if wd != "bf16" else [])
@@ -1122,12 +1125,12 @@ def plot(rows, hf_rows, path):
     for cfg, pts in sorted(groups.items()):
       pts.sort()
       line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"duojax {cfg}")
-      ax.plot([p[0] for p in pts], [p[2] for p in pts], ":", color=line.get_color(),
-              label=f"floor {cfg}")
+      ax.plot([p[0] for p in pts], [p[2] for p in pts], ":x", color=line.get_color(),
+              markersize=5, label=f"floor {cfg}")  # x: a lone context still shows its floor
     for impl, style, label in (("hf", "s--", "HF sdpa (eager)"),
                                ("torch", "^--", "torch sdpa + CUDA graph")):
       hp = sorted((r["ctx"], r["ms_per_token"]) for r in hf_rows
-                  if r["model"] == m and r.get("batch", 1) == 1 and "ms_per_token" in r
+                  if r["model"] == m and r.get("batch", 1) == b and "ms_per_token" in r
                   and r.get("impl", "").startswith(impl))
       if hp:
         ax.plot([p[0] for p in hp], [p[1] for p in hp], style, color="gray", label=label,
@@ -1135,8 +1138,8 @@ def plot(rows, hf_rows, path):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("ms / token (batch 1)")
-    ax.set_title(m)
+    ax.set_ylabel(f"ms / token (batch {b})")
+    ax.set_title(f"{m}, batch {b}")
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

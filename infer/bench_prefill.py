@@ -1,6 +1,7 @@
 """Chunked prefill time and memory: full attention vs DuoAttention.
 
   python -m infer.bench_prefill --out out/bench_prefill                # GPU
+  python -m infer.bench_prefill --out OUT --contexts 1M --kv-dtype int4 --weights-dtype int8
   python -m infer.bench_prefill --out /tmp/bp --smoke                  # CPU check (tiny model)
 
 The Llama-3-8B shape (or --model llama2-7b) with random bf16 weights made on
@@ -11,6 +12,13 @@ context is the cumulative time at its last chunk (the chunks before it are the
 same work), each chunk synchronised. Configs: full and duo at --sparsities
 (random seeded masks, sink 64, recent 256). Memory `peak` = weights + the cache
 at exactly that context + XLA's temporary buffers of the compiled chunk step.
+--kv-dtype / --weights-dtype quantise the cache / the projections as on bench_decode.
+
+Nothing O(T) but the cache: the chunk step is also compiled for a cache of --probe-chunks
+chunks, and the table gives XLA's temporaries at both capacities. A step whose temporaries
+grow with the capacity holds something the size of the context besides the cache (the XLA
+reference does: it scores a chunk against the whole cache; the GPU kernels walk it in
+blocks), which is what decides whether prefill reaches millions of tokens.
 Writes bench_prefill.json, .md and .png into --out.
 """
 
@@ -25,7 +33,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-from infer.bench_decode import K, kfmt, model_configs, random_mask  # noqa: E402
+from infer.bench_decode import (  # noqa: E402
+    build_params, kfmt, model_configs, parse_contexts, random_mask, weights_alloc)
 
 
 def retrieval_route(backend: str) -> str:
@@ -40,9 +49,16 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", required=True)
   ap.add_argument("--model", default="llama3-8b")
-  ap.add_argument("--contexts", default="32,64,128,256", help="in K tokens")
+  ap.add_argument("--contexts", default="32,64,128,256",
+                  help="K tokens, or with a suffix: 256K, 1M, 2.5M")
   ap.add_argument("--chunk", type=int, default=4096)
   ap.add_argument("--sparsities", default="0.5")
+  ap.add_argument("--configs", default="full,duo", help="full, duo (at each --sparsities)")
+  ap.add_argument("--kv-dtype", default="bf16", choices=("bf16", "int8", "int4"))
+  ap.add_argument("--weights-dtype", default="bf16", choices=("bf16", "int8"))
+  ap.add_argument("--probe-chunks", type=int, default=4,
+                  help="also compile for a cache of this many chunks: XLA's temporaries there "
+                       "against those at the longest context (0: skip)")
   ap.add_argument("--backend", default="auto")
   ap.add_argument("--smoke", action="store_true")
   args = ap.parse_args(argv)
@@ -55,49 +71,72 @@ def main(argv=None):
   from duojax import cache as kvc
   from duojax import engine
   from duojax.attention import dispatch
-  from duojax.model import llama
+  from duojax.model import handle as model_handle
 
   backend = dispatch.resolve_backend(args.backend)
   configs = model_configs(args.smoke)
   name = "tiny-gqa" if args.smoke else args.model
   config = configs[name]
-  ctxs = [256, 512] if args.smoke else [int(c) * K for c in args.contexts.split(",")]
+  ctxs = [256, 512] if args.smoke else parse_contexts(args.contexts)
+  kv_dtype = None if args.kv_dtype == "bf16" else args.kv_dtype
   chunk = 64 if args.smoke else args.chunk
   dev = jax.devices()[0]
   limit = (dev.memory_stats() or {}).get("bytes_limit", 16 * 2**30)
   meta = {"device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__,
           "date": datetime.datetime.now().isoformat(timespec="seconds"),
           "command": "python -m infer.bench_prefill " + " ".join(argv or sys.argv[1:]),
-          "backend": backend, "chunk": chunk, "model": name,
+          "backend": backend, "chunk": chunk, "model": name, "kv_dtype": args.kv_dtype,
+          "weights_dtype": args.weights_dtype,
           "retrieval_chunk_route": retrieval_route(backend)}
-  print(f"# {meta['device']} backend {backend} ({meta['retrieval_chunk_route']}), chunk {chunk}",
-        flush=True)
+  print(f"# {meta['device']} backend {backend} ({meta['retrieval_chunk_route']}), chunk {chunk}"
+        f", KV {args.kv_dtype}, weights {args.weights_dtype}", flush=True)
 
-  params = llama.init_params(config, jax.random.PRNGKey(0), jnp.bfloat16)
-  w_alloc = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+  params = build_params(config, args.weights_dtype)
+  w_alloc = weights_alloc(params)
   rng = np.random.default_rng(0)
   rows = []
-  setups = [("full", None)] + [(f"duo-{s}", random_mask(config, float(s)))
-                               for s in args.sparsities.split(",")]
+  wanted = set(args.configs.split(","))
+  if not wanted <= {"full", "duo"}:
+    raise SystemExit(f"--configs takes full and duo, got {args.configs!r}")
+  setups = ([("full", None)] if "full" in wanted else []) + (
+      [(f"duo-{s}", random_mask(config, float(s))) for s in args.sparsities.split(",")]
+      if "duo" in wanted else [])
+  i32 = jax.ShapeDtypeStruct((1,), jnp.int32)
+  hid = jax.ShapeDtypeStruct((1, config.hidden_size), jnp.bfloat16)
+  tok = jax.ShapeDtypeStruct((1, chunk), jnp.int32)
+
+  def cache_of(mask, capacity):
+    return kvc.init_cache(config, 1, capacity, mask, jnp.bfloat16, kv_dtype=kv_dtype)
+
+  def compiled_temp(h, cache):
+    step = engine.prefill_step.lower(h, config, tok, cache, i32, i32, hid, backend).compile()
+    try:
+      return step, step.memory_analysis().temp_size_in_bytes
+    except Exception:  # noqa: BLE001  (a backend without memory analysis)
+      return step, 0
+
   for label, mask in setups:
-    fits = [c for c in ctxs if w_alloc + kvc.kv_cache_bytes(config, mask, c) + 8 * 2**30 < limit]
+    kv_bytes = lambda c: kvc.kv_cache_bytes(config, mask, c, kv_dtype=kv_dtype)  # noqa: E731
+    fits = [c for c in ctxs if w_alloc + kv_bytes(c) + 8 * 2**30 < limit]
     for c in ctxs:
       if c not in fits:
         rows.append({"config": label, "ctx": c, "error": "does not fit"})
     if not fits:
       continue
     cap = max(fits)
-    cache = kvc.init_cache(config, 1, cap, mask, jnp.bfloat16)
-    i32 = jax.ShapeDtypeStruct((1,), jnp.int32)
-    hid = jax.ShapeDtypeStruct((1, config.hidden_size), jnp.bfloat16)
+    # Random weights: the head reordering DuoAttention applies to real weights permutes
+    # random values into random values, so it is skipped (as in bench_decode).
+    h = model_handle.from_params(config, params, mask, reordered=True)
+    probe = args.probe_chunks * chunk
+    probe_temp = None
+    if 0 < probe < cap:  # compiled for a small cache first, then dropped
+      small = cache_of(mask, probe)
+      probe_temp = compiled_temp(h, small)[1]
+      del small
+    cache = cache_of(mask, cap)
     t0 = time.perf_counter()
-    step = engine.prefill_step.lower(params, config, jax.ShapeDtypeStruct((1, chunk), jnp.int32),
-                                     cache, i32, i32, hid, backend).compile()
+    step, temp = compiled_temp(h, cache)
     compile_s = time.perf_counter() - t0
-    try:
-      temp = step.memory_analysis().temp_size_in_bytes
-    except Exception:  # noqa: BLE001
-      temp = 0
     tokens = rng.integers(3, config.vocab_size, (1, cap)).astype(np.int32)
     lengths = jnp.asarray([cap], jnp.int32)
     last = jnp.zeros((1, config.hidden_size), jnp.bfloat16)
@@ -106,7 +145,7 @@ def main(argv=None):
     # which the timed pass rewrites identically; resetting the lengths makes the streaming
     # slots it filled invisible again, so the timed pass starts from an empty cache.
     n0 = jnp.clip(lengths, 0, chunk)
-    last, cache, _ = step(params, jnp.asarray(tokens[:, :chunk]), cache, n0, lengths - 1, last)
+    last, cache, _ = step(h, jnp.asarray(tokens[:, :chunk]), cache, n0, lengths - 1, last)
     jax.block_until_ready(last)
     cache = kvc.KVCache(cache.layers, jnp.zeros((1,), jnp.int32))
     last = jnp.zeros((1, config.hidden_size), jnp.bfloat16)
@@ -117,16 +156,17 @@ def main(argv=None):
       tk = jnp.asarray(tokens[:, c0:c0 + chunk])
       jax.block_until_ready(tk)
       t0 = time.perf_counter()
-      last, cache, _ = step(params, tk, cache, n_valid, lengths - 1 - c0, last)
+      last, cache, _ = step(h, tk, cache, n_valid, lengths - 1 - c0, last)
       jax.block_until_ready(last)
       elapsed += time.perf_counter() - t0
       if c0 + chunk in fits:
         marks[c0 + chunk] = elapsed
     for c in fits:
       row = {"config": label, "ctx": c, "seconds": marks[c], "tokens_per_s": c / marks[c],
-             "kv_cache_GB": kvc.kv_cache_bytes(config, mask, c) / 1e9,
-             "peak_GB": (w_alloc + kvc.kv_cache_bytes(config, mask, c) + temp) / 1e9,
-             "xla_temp_GB": temp / 1e9, "compile_s": compile_s}
+             "kv_cache_GB": kv_bytes(c) / 1e9, "peak_GB": (w_alloc + kv_bytes(c) + temp) / 1e9,
+             "xla_temp_GB": temp / 1e9, "capacity": cap, "compile_s": compile_s,
+             "probe_capacity": probe if probe_temp is not None else None,
+             "xla_temp_probe_GB": None if probe_temp is None else probe_temp / 1e9}
       rows.append(row)
       print(json.dumps(row), flush=True)
     del cache
@@ -134,18 +174,23 @@ def main(argv=None):
   (out / "bench_prefill.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
   full = {r["ctx"]: r for r in rows if r["config"] == "full" and "seconds" in r}
   lines = [f"Device {meta['device']}, {meta['date']}; {name}, batch 1, chunk {chunk}, backend "
-           f"{backend} (retrieval-head chunks: {meta['retrieval_chunk_route']}); "
-           f"`{meta['command']}`", "",
-           "| ctx | config | prefill s | tokens/s | peak GB | speed-up vs full |",
-           "|---|---|---|---|---|---|"]
+           f"{backend} (retrieval-head chunks: {meta['retrieval_chunk_route']}), KV "
+           f"{args.kv_dtype}, weights {args.weights_dtype}; `{meta['command']}`", "",
+           "| ctx | config | prefill s | tokens/s | KV GB | peak GB | XLA temp GB: at the "
+           "capacity / at the probe | speed-up vs full |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if "seconds" not in r:
-      lines.append(f"| {kfmt(r['ctx'])} | {r['config']} | {r['error']} | | | |")
+      lines.append(f"| {kfmt(r['ctx'])} | {r['config']} | {r['error']} | | | | | |")
       continue
     f = full.get(r["ctx"])
     sp = f"{f['seconds'] / r['seconds']:.2f}x" if f and r["config"] != "full" else "-"
+    tp = (f"{r['xla_temp_GB']:.3g} ({kfmt(r['capacity'])}) / {r['xla_temp_probe_GB']:.3g} "
+          f"({kfmt(r['probe_capacity'])})" if r["xla_temp_probe_GB"] is not None
+          else f"{r['xla_temp_GB']:.3g}")
     lines.append(f"| {kfmt(r['ctx'])} | {r['config']} | {r['seconds']:.2f} | "
-                 f"{r['tokens_per_s']:.0f} | {r['peak_GB']:.1f} | {sp} |")
+                 f"{r['tokens_per_s']:.0f} | {r['kv_cache_GB']:.3g} | {r['peak_GB']:.3g} | "
+                 f"{tp} | {sp} |")
   table = "\n".join(lines) + "\n"
   (out / "bench_prefill.md").write_text(table)
 

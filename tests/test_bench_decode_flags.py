@@ -220,3 +220,19 @@ def test_quant_decode_config_overrides_only_its_code_width(monkeypatch):
                    ("[1]", "JSON object"), ("{4:", "not JSON")]:
     with pytest.raises(SystemExit, match=msg):
       bd.parse_quant_decode_config(bad)
+
+
+def test_plot_has_a_panel_per_batch_size(tmp_path):
+  """Batch 16 rows get their own panel beside batch 1 (issue 18 asks for both in the plot):
+  two panels make the PNG twice as wide as one."""
+  import matplotlib.image as mpimg
+  def row(b, ctx, ms):
+    return {"model": "llama3-8b", "batch": b, "ctx": ctx, "config": "full", "kv_dtype": "bf16",
+            "weights_dtype": "bf16", "impl": "duojax-gpu", "ms_per_token": ms, "floor_ms": ms / 2}
+  peer = [{"model": "llama3-8b", "batch": 16, "ctx": 32768, "impl": "torch-sdpa-cudagraph",
+           "ms_per_token": 24.0}]
+  one, two = tmp_path / "one.png", tmp_path / "two.png"
+  bd.plot([row(1, 32768, 5.0), row(1, 131072, 8.0)], peer, one)
+  bd.plot([row(1, 32768, 5.0), row(1, 131072, 8.0), row(16, 32768, 20.0)], peer, two)
+  w1, w2 = mpimg.imread(one).shape[1], mpimg.imread(two).shape[1]
+  assert w2 == 2 * w1, (w1, w2)

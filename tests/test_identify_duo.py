@@ -281,6 +281,9 @@ def test_bad_input(setup, tmp_path):
     duo.GateTrainConfig(min_len=500, max_len=100)
   with pytest.raises(duo.TrainError, match="--student must be one of"):
     duo.GateTrainConfig(student="teacher")
+  for g in (0.0, 1.5):
+    with pytest.raises(duo.TrainError, match="--init-gate must be in"):
+      duo.GateTrainConfig(init_gate=g)
   short = HaystackTokens(TEXT[:300], CharTok(), line_breaks=False)
   with pytest.raises(duo.TrainError, match="longer haystack"):
     duo.train_gates(params, CFG, CharTok(), short, TC, tmp_path / "s", progress=False)

