@@ -16,8 +16,8 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # The slowest files first (CI's `--durations`, 2026-12-03, seconds per file roughly in this
 # order: 200 down to 40). The README's test command runs `-n 2 --dist loadfile`, which hands
 # whole files to the two workers in collection order; alphabetically the 200 s sharded-engine
-# file came near the end, so one worker ran it alone while the other idled. Longest first
-# lets the short files fill in behind them. Order within a file is kept.
+# file came near the end, where one worker can end up running it alone while the other
+# idles. Longest first lets the short files fill in behind them. Order within a file is kept.
 SLOW_FIRST = ("test_sharded_engine.py", "test_identify_duo.py", "test_qwen_gguf.py",
               "test_compare_patterns.py", "test_notebook.py", "test_ppl_mesh.py",
               "test_context_parallel.py", "test_triton_interpret.py",
