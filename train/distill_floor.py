@@ -8,11 +8,11 @@ with respect to the gates, at gates near 1, in bf16 and in fp32 on the same real
 
 Why: Qwen2.5-Coder's 400-step gates on the official recipe (from 1, reg 0.05) saturated
 (mean 0.963, the top 24 within 0.991-1.000), so the ranking at sparsity 0.75 was on noise
-(README, "Its pattern"). With every gate at
-1 the student is the teacher, bit for bit, and the distillation loss is 0; at gates of
-0.998 the student's mix, 0.998 full + 0.002 streaming, is rounded to bf16 in every layer,
-and those roundings compound. If that rounding, not the streaming branch, is most of the
-loss near 1, the gradient there is mostly noise and the gates cannot separate.
+(README, "Its pattern"). With every gate at 1 the student is the teacher, bit for bit, and
+the distillation loss is 0; at gates of 0.998 the student's mix, 0.998 full + 0.002
+streaming, is rounded to bf16 in every layer, and those roundings compound. If that
+rounding, not the streaming branch, is most of the loss near 1, the gradient there is
+mostly noise and the gates cannot separate.
 
 For each gate setting (all 1, all 0.998, 0.99, 0.9, 0.5, and --pattern's trained gates) and
 each dtype (the frozen weights and activations in bf16, or fp32), on the same --samples

@@ -38,8 +38,13 @@ train)
   rc=0
   timeout -s INT -k 90 "$secs" python -m duojax.identify duo --config configs/qwen25_coder_duo.yaml \
     --haystack "$hay" --out "$run/duo" --save-every 8 --pad-multiple 8192 "${resume[@]}" "$@" || rc=$?
-  echo "train: exit $rc ($([ $rc -eq 0 ] && echo finished || echo 'stopped: run again to resume'))"
-  tail -1 "$run/duo/log.jsonl";;
+  case $rc in  # timeout exits 124 when SECONDS ran out (SIGINT: the step in flight was saved)
+    0) echo "train: exit 0 (finished)";;
+    124) echo "train: exit 124 (stopped at SECONDS: run again with the same flags to resume)";;
+    *) echo "train: exit $rc (failed: see the error above)";;
+  esac
+  [ -f "$run/duo/log.jsonl" ] && tail -1 "$run/duo/log.jsonl"
+  exit "$rc";;
 razor)
   python -m duojax.identify razor --ckpt qwen2.5-coder-0.5b --out "$1/razor" --dtype bfloat16;;
 rscore)
