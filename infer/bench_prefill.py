@@ -137,6 +137,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     step, temp = compiled_temp(h, cache)
     compile_s = time.perf_counter() - t0
+    # said before the pass, so a run cut off by a time limit still reports them
+    print(f"# {label}: XLA temporaries {temp / 1e9:.3g} GB at {kfmt(cap)} tokens"
+          + ("" if probe_temp is None else f", {probe_temp / 1e9:.3g} GB at {kfmt(probe)}"),
+          file=sys.stderr, flush=True)
     tokens = rng.integers(3, config.vocab_size, (1, cap)).astype(np.int32)
     lengths = jnp.asarray([cap], jnp.int32)
     last = jnp.zeros((1, config.hidden_size), jnp.bfloat16)
@@ -161,6 +165,11 @@ def main(argv=None):
       elapsed += time.perf_counter() - t0
       if c0 + chunk in fits:
         marks[c0 + chunk] = elapsed
+      if (c0 // chunk + 1) % 32 == 0 or c0 + chunk in fits:
+        # a long pass (1M tokens: minutes) says how far it got, so a run cut off by a time
+        # limit still tells its rate
+        print(f"# {label}: {kfmt(c0 + chunk)} tokens prefilled in {elapsed:.1f} s",
+              file=sys.stderr, flush=True)
     for c in fits:
       row = {"config": label, "ctx": c, "seconds": marks[c], "tokens_per_s": c / marks[c],
              "kv_cache_GB": kv_bytes(c) / 1e9, "peak_GB": (w_alloc + kv_bytes(c) + temp) / 1e9,

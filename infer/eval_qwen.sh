@@ -17,6 +17,9 @@
 # numeric passkey, perplexity at the longest length (bands at the others).
 # Methods: full, duo / random / razor / rscore at 0.25, 0.5, 0.75, streaming (14);
 # perplexity for full, streaming and each pattern at 0.5 (random adds nothing there).
+# ATTENTION / PPL_ATTENTION / SPARSITIES choose fewer; KV_DTYPE=int8|int4 quantises the
+# cache of every method, e.g. the KV-quantisation grid:
+#   KV_DTYPE=int4 ATTENTION=full,duo PPL_ATTENTION=full,duo@0.5 SPARSITIES=0.5 infer/eval_qwen.sh ...
 #
 # Cost on one H200 with the defaults (DEPTHS=4, SAMPLES=1: 16 cells a task and method):
 # 28 programs compiled in parallel (~1-2 min of ~10-20 s compiles on 16 cores) plus 5
@@ -41,17 +44,21 @@ DEPTHS=${DEPTHS:-4}
 SAMPLES=${SAMPLES:-1}
 SPARSITIES=${SPARSITIES:-0.25,0.5,0.75}
 BACKEND=${BACKEND:-auto}
-HAYSTACK_ARGS=()
-[ -n "${HAYSTACK:-}" ] && HAYSTACK_ARGS=(--haystack "$HAYSTACK")
+ATTENTION=${ATTENTION:-full,duo,streaming,random,razor,rscore}
+PPL_ATTENTION=${PPL_ATTENTION:-full,streaming,duo@0.5,razor@0.5,rscore@0.5}
+EXTRA_ARGS=()
+[ -n "${HAYSTACK:-}" ] && EXTRA_ARGS=(--haystack "$HAYSTACK")
+# KV_DTYPE=int8 / int4: every method's cache quantised (issue 18's accuracy grid)
+[ -n "${KV_DTYPE:-}" ] && EXTRA_ARGS+=(--kv-dtype "$KV_DTYPE")
 
 cd "$(dirname "$0")/.."
 python -m infer.eval_table \
   --ckpt qwen2.5-coder-0.5b --pattern "$PATTERN" \
   --patterns "razor=$RAZOR,rscore=$RSCORE" \
-  --attention full,duo,streaming,random,razor,rscore --sparsities "$SPARSITIES" \
-  --ppl-attention full,streaming,duo@0.5,razor@0.5,rscore@0.5 \
+  --attention "$ATTENTION" --sparsities "$SPARSITIES" \
+  --ppl-attention "$PPL_ATTENTION" \
   --tasks niah,mkniah,passkey,ppl --keys 4 \
   --lengths "$LENGTHS" --depths "$DEPTHS" --samples "$SAMPLES" \
   --max-new-tokens 32 --batch-size "$((${DEPTHS} * ${SAMPLES}))" --prefill-chunk 1024 \
-  "${HAYSTACK_ARGS[@]}" --ppl-haystack "$HELDOUT" --ppl-samples 1 \
+  "${EXTRA_ARGS[@]}" --ppl-haystack "$HELDOUT" --ppl-samples 1 \
   --backend "$BACKEND" --no-progress --out "$OUT"

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
   ap.add_argument("--backend", default="auto")
+  ap.add_argument("--kv-dtype", default=None, choices=("bf16", "fp32", "int8", "int4"),
+                  help="the KV cache's storage for every method (default: the compute dtype); "
+                       "int8 / int4 are quantised per token per KV head")
   ap.add_argument("--max-new-tokens", type=int, default=32)
   ap.add_argument("--batch-size", type=int, default=10)
   ap.add_argument("--prefill-chunk", type=int, default=1024)
@@ -143,7 +146,7 @@ def run(argv=None) -> int:
   by_name = {b.method.name: b for b in built_all}
   built = [by_name[m.name] for m in grid_m]
   gen_kw = dict(max_new_tokens=a.max_new_tokens, prefill_chunk=a.prefill_chunk,
-                batch_size=a.batch_size, backend=backend)
+                batch_size=a.batch_size, backend=backend, kv_dtype=a.kv_dtype)
   docs, wall, programs = {}, {}, {}
   for task in RETRIEVAL:
     if task not in tasks:
@@ -152,7 +155,8 @@ def run(argv=None) -> int:
     docs[task] = harness.run_retrieval(task, model, hay, built, lengths, depths, a.chat, gen_kw,
                                        a.samples, seed=a.seed, num_keys=a.keys,
                                        progress=progress, programs=programs,
-                                       extra_settings={"haystack": hay_path, "patterns": named})
+                                       extra_settings={"haystack": hay_path, "patterns": named,
+                                                       "kv_dtype": a.kv_dtype})
     wall[task] = round(time.perf_counter() - t0, 1)
     harness.write_json(docs[task], out / f"{task}.json")
     metric = docs[task]["plot_metric"]
@@ -166,7 +170,7 @@ def run(argv=None) -> int:
     docs["ppl"] = ppl.evaluate(model.params, model.config, held,
                                [by_name[m.name] for m in ppl_m], max(lengths),
                                a.ppl_samples, lengths[:-1], a.prefill_chunk, backend,
-                               progress=progress)
+                               progress=progress, kv_dtype=a.kv_dtype)
     docs["ppl"]["settings"] = {"haystack": held_path}
     wall["ppl"] = round(time.perf_counter() - t0, 1)
     harness.write_json(docs["ppl"], out / "ppl.json")
@@ -178,9 +182,10 @@ def run(argv=None) -> int:
           "chat": a.chat, "lengths": lengths, "depths": len(depths), "samples": a.samples,
           "haystack": hay_path, "sink": masks[0].sink if masks else None,
           "recent": masks[0].recent if masks else None, "wall_seconds": wall,
+          "kv_dtype": a.kv_dtype,
           "command": "python -m infer.eval_table " + " ".join(argv if argv is not None
                                                                else sys.argv[1:])}
-  rows = [_row(b, model.config, max(lengths)) for b in built_all]
+  rows = [_row(b, model.config, max(lengths), a.kv_dtype) for b in built_all]
   (out / "table.json").write_text(json.dumps({"info": info, "methods": rows}, indent=1))
   md = render_table(docs, rows, info)
   (out / "table.md").write_text(md)
@@ -195,11 +200,13 @@ def _compile_cache() -> None:
   enable_compile_cache()
 
 
-def _row(bm, config, longest: int) -> dict:
-  """A method's name, share of retrieval heads and KV cache size at the longest length."""
+def _row(bm, config, longest: int, kv_dtype: str | None = None) -> dict:
+  """A method's name, share of retrieval heads and KV cache size at the longest length
+  (in the run's KV storage: bf16 unless --kv-dtype; a quantised cache's scales counted)."""
   return {"name": bm.method.name, "kind": bm.method.kind,
           "retrieval_fraction": bm.retrieval_fraction,
-          "kv_mib": kvc.kv_cache_bytes(config, bm.mask, longest, 1) / 2**20}
+          "kv_mib": kvc.kv_cache_bytes(config, bm.mask, longest, 1,
+                                       kv_dtype=kv_dtype) / 2**20}
 
 
 def render_saved(d: Path) -> str:
@@ -232,7 +239,8 @@ def render_table(docs: dict, rows: list[dict], info: dict) -> str:
            f"({', '.join(f'{k} {v:.0f} s' for k, v in wall.items() if k != 'total')}).",
            ""]
   has = [t for t in RETRIEVAL if t in docs]
-  head = ["method", "retrieval heads", f"KV cache @{longest}, bf16 (MiB)"]
+  head = ["method", "retrieval heads",
+          f"KV cache @{longest}, {info.get('kv_dtype') or 'bf16'} (MiB)"]
   if "niah" in docs:
     head += ["NIAH ROUGE-1 %", "NIAH exact %"]
   if "mkniah" in docs:

@@ -521,6 +521,28 @@ def test_eval_table_smoke(ckpt, tmp_path, monkeypatch, capsys):
   assert capsys.readouterr().out.strip() == md.strip()
 
 
+def test_eval_table_kv_dtype(ckpt, tmp_path, monkeypatch, capsys):
+  """--kv-dtype reaches every method's cache: the settings say int8 and the table's KV
+  column is the int8 cache (codes + a float32 scale and zero per token per KV head),
+  counted here by hand, not by kv_cache_bytes."""
+  from infer import eval_table
+  from duojax.checkpoint.store import load_config
+  monkeypatch.setenv("DUOJAX_COMPILE_CACHE", "0")
+  out = tmp_path / "grid8"
+  rc = eval_table.main(["--ckpt", str(ckpt / "ck"), "--haystack", str(ckpt / "hay.txt"),
+                        "--attention", "full", "--tasks", "passkey", "--lengths", "300",
+                        "--depths", "1", "--max-new-tokens", "3", "--prefill-chunk", "64",
+                        "--kv-dtype", "int8", "--out", str(out), "--no-progress"])
+  assert rc == 0, capsys.readouterr().err
+  assert json.loads((out / "passkey.json").read_text())["settings"]["kv_dtype"] == "int8"
+  md = (out / "table.md").read_text()
+  assert "KV cache @300, int8 (MiB)" in md
+  row = json.loads((out / "table.json").read_text())["methods"][0]
+  c = load_config(ckpt / "ck")
+  per_layer = 2 * (300 * c.num_kv_heads * c.head_dim + 2 * 4 * 300 * c.num_kv_heads)
+  assert abs(row["kv_mib"] * 2**20 - (c.num_layers * per_layer + 4)) < 1
+
+
 def test_ppl_precompiled_steps_match_the_jitted_path(params, hay):
   built = M.build_methods(M.parse_methods("full,streaming"), CFG, None, 4, 8)
   with _CompileLog() as names:
