@@ -32,6 +32,7 @@ from pathlib import Path
 import json
 
 from duojax import cache as kvc
+from duojax.kv_quant import KV_DTYPES
 from duojax.eval import grid, harness, plots, ppl
 from duojax.eval.methods import Method, build_methods
 
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
   ap.add_argument("--backend", default="auto")
-  ap.add_argument("--kv-dtype", default=None, choices=("bf16", "fp32", "int8", "int4"),
+  ap.add_argument("--kv-dtype", default=None, choices=KV_DTYPES,
                   help="the KV cache's storage for every method (default: the compute dtype); "
                        "int8 / int4 are quantised per token per KV head")
   ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -171,7 +172,7 @@ def run(argv=None) -> int:
                                [by_name[m.name] for m in ppl_m], max(lengths),
                                a.ppl_samples, lengths[:-1], a.prefill_chunk, backend,
                                progress=progress, kv_dtype=a.kv_dtype)
-    docs["ppl"]["settings"] = {"haystack": held_path}
+    docs["ppl"]["settings"] = {"haystack": held_path, "kv_dtype": a.kv_dtype}
     wall["ppl"] = round(time.perf_counter() - t0, 1)
     harness.write_json(docs["ppl"], out / "ppl.json")
     plots.ppl_bands(docs["ppl"], out / "ppl.png")
