@@ -271,7 +271,10 @@ def other_chunk_ops(prefix: int):
 
 # -- raw kernel variants (torch launches, CUDA graphs) ------------------------------------
 
-def decode_variants(ctx=128 * K, h=4, g=4, d=128, b=1):
+def decode_variants(ctx=128 * K, h=4, g=4, d=128, b=1, grid=None):
+  """The split-K decode kernel's (block_n, warps, stages, programs) `grid` (default: the
+  54-point tuning grid), each launch timed raw in a CUDA graph, and the default config on
+  the [B, S, H, D] and [B, H, S, D] layouts -> (rows, layout)."""
   import torch
   import triton.testing as tt
   from duojax.kernels.gpu import decode as kd
@@ -284,8 +287,8 @@ def decode_variants(ctx=128 * K, h=4, g=4, d=128, b=1):
   qpos = (lens - 1)[:, None].contiguous()
   nbytes = 2 * kb.numel() * 2
   rows = []
-  grid = [(bn, w, st, p) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)
-          for p in (264, 528, 1056)]
+  grid = grid or [(bn, w, st, p) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)
+                  for p in (264, 528, 1056)]
   for bn, w, st, p in grid:
     cfg = {"block_n": bn, "num_warps": w, "num_stages": st, "programs": p, "max_splits": 256}
     try:
@@ -294,7 +297,8 @@ def decode_variants(ctx=128 * K, h=4, g=4, d=128, b=1):
       out = torch.empty(q.shape, dtype=torch.bfloat16, device=dev)
 
       def run():
-        split.torch(q, kb, vb, qpos, lens, outs=outs)
+        # plain caches: each buffer stands in for its own scale and zero (kv_parts)
+        split.torch(q, kb, kb, kb, vb, vb, vb, qpos, lens, outs=outs)
         comb.torch(*outs, outs=[out])
       run()
       ms = tt.do_bench_cudagraph(run, rep=50)
@@ -306,7 +310,7 @@ def decode_variants(ctx=128 * K, h=4, g=4, d=128, b=1):
   # layout: [B, H, S, D] (each head's keys contiguous) with the default config
   split, comb = kd.full_decode_plans((b, 1, h, g, d), (b, ctx, h, d), jnp.bfloat16)
   c = dict(split.consts)
-  c.update(SKB=h * ctx * d, SKS=d, SKH=ctx * d, SVB=h * ctx * d, SVS=d, SVH=ctx * d)
+  c.update(SKB=h * ctx * d, SKS=d, SKH=ctx * d)  # K and V share the strides
   split_hsd = dataclasses.replace(split, consts=c)
   kt, vt = kb.permute(0, 2, 1, 3).contiguous(), vb.permute(0, 2, 1, 3).contiguous()
   outs = [torch.empty(s, dtype=torch.float32, device=dev) for s, _ in split.out_shapes]
@@ -314,7 +318,7 @@ def decode_variants(ctx=128 * K, h=4, g=4, d=128, b=1):
   layout = {}
   for name, (sp, kk, vv) in {"BSHD": (split, kb, vb), "BHSD": (split_hsd, kt, vt)}.items():
     def run(sp=sp, kk=kk, vv=vv):
-      sp.torch(q, kk, vv, qpos, lens, outs=outs)
+      sp.torch(q, kk, kk, kk, vv, vv, vv, qpos, lens, outs=outs)
       comb.torch(*outs, outs=[out])
     run()
     ms = tt.do_bench_cudagraph(run, rep=50)

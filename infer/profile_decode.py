@@ -11,8 +11,9 @@ launch and dispatch (about 1.5 ms a token); a host sync per token was ruled out
 (infer/results/h200-2026-12-02-late/sync-every/). This says which: the device's kernel
 time per token (overlaps merged) against the wall time, so idle = wall - busy is what no
 kernel ran (launch gaps, host work), and busy time per kind: `matmul` (cuBLAS / XLA GEMM
-fusions: the weights), `attention` (the Triton decode kernels), `other` (norms, RoPE, the
-cache writes, sampling). Weight bytes / matmul time is the bandwidth the projections reach,
+fusions, and any fusion the optimised HLO says was made from a dot: the weights),
+`attention` (the Triton decode kernels), `other` (norms, RoPE, the cache writes,
+sampling). The JSON's longest kernels list the JAX ops each fusion was made from. Weight bytes / matmul time is the bandwidth the projections reach,
 against the copy bandwidth measured in the same run.
 
 The model, cache and decode loop are infer/bench_decode.py's (random weights of the real
@@ -28,6 +29,7 @@ import datetime
 import glob
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -41,12 +43,84 @@ KINDS = ("matmul", "attention", "other", "copy")
 TOP_KERNELS = 40
 
 
-def kind_of(name: str) -> str:
+def kernel_key(name: str) -> str:
+  """A name as the GPU trace spells an HLO instruction's kernel ('.' and '-' become '_')."""
+  return re.sub(r"[.\-]", "_", name)
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*->.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_CALLS = re.compile(r"(?:calls|to_apply)=%?([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# an instruction's opcode after its shape (a tuple shape holds no '=')
+_OPCODE = re.compile(r"^(?:\([^=]*?\)|[^\s(]+)\s+([a-z][\w\-]*)\(")
+
+
+def hlo_fusions(text: str) -> dict[str, dict]:
+  """The fusions of an optimised HLO module (`compiled.as_text()`), by kernel_key: the JAX
+  ops each was made from (the trailing parts of their op_name metadata, e.g.
+  'bte,ehd->bthd/dot_general') and whether one of them is a dot. Why: XLA turns small
+  matrix-vector dots into reductions, so a weight projection can run as an
+  `input_reduce_fusion` that the kernel's name alone would count as 'other'. A fusion is
+  a dot when it holds a dot (or convolution) or a reduce made from one; a reshape of a
+  dot's output fused into a cache write is not."""
+  bodies: dict[str, list[str]] = {}
+  current = None
+  for line in text.splitlines():
+    if current is None:
+      m = _COMPUTATION.match(line)
+      if m:
+        current = m.group(1)
+        bodies[current] = []
+      continue
+    if line.strip() == "}":
+      current = None
+    else:
+      bodies[current].append(line)
+
+  def ops_of(comp: str, seen: set) -> tuple[set, bool]:
+    if comp in seen or comp not in bodies:
+      return set(), False
+    seen.add(comp)
+    ops, dot = set(), False
+    for line in bodies[comp]:
+      m = _OP_NAME.search(line)
+      name = "/".join(m.group(1).split("/")[-2:]) if m else ""
+      if name:
+        ops.add(name)
+      ins = _INSTRUCTION.match(line)
+      code = _OPCODE.match(ins.group(2)) if ins else None
+      code = code.group(1) if code else ""
+      dot |= code in ("dot", "convolution") or (code == "reduce" and
+                                                 name.endswith("dot_general"))
+      for sub in _CALLS.findall(line):
+        sub_ops, sub_dot = ops_of(sub, seen)
+        ops |= sub_ops
+        dot |= sub_dot
+    return ops, dot
+
+  out = {}
+  for lines in bodies.values():
+    for line in lines:
+      m = _INSTRUCTION.match(line)
+      if not m or " fusion(" not in m.group(2):
+        continue
+      called = _CALLS.search(m.group(2))
+      ops, dot = ops_of(called.group(1), set()) if called else (set(), False)
+      out[kernel_key(m.group(1))] = {"ops": sorted(ops), "dot": dot}
+  return out
+
+
+def kind_of(name: str, fusions: dict | None = None) -> str:
   """A device kernel's kind from its name (XLA names its fusions, cuBLAS its GEMMs, Triton
-  kernels carry their Python names)."""
+  kernels carry their Python names) and, when given, the HLO's fusions (`hlo_fusions`):
+  a fusion made from a dot is a matmul whatever XLA called it."""
   n = name.lower()
   if any(t in n for t in ("decode_kernel", "combine_kernel", "chunk_kernel")):
     return "attention"
+  info = (fusions or {}).get(kernel_key(name))
+  if info is not None and info["dot"]:
+    return "matmul"
   if any(t in n for t in ("gemm", "cublas", "cutlass", "nvjet", "xmma", "matmul", "dot")):
     return "matmul"
   if "memcpy" in n or "memset" in n:
@@ -67,10 +141,11 @@ def union_ns(intervals) -> int:
   return total
 
 
-def breakdown(events, steps: int) -> dict:
+def breakdown(events, steps: int, fusions: dict | None = None) -> dict:
   """events: (name, start_ns, duration_ns) of device kernels over `steps` decode steps ->
   per-step figures: busy_ms (union), span_ms (first start to last end), per kind ms, kernel
-  launches, and the TOP_KERNELS kernels that took longest (us and launches per step)."""
+  launches, and the TOP_KERNELS kernels that took longest (us and launches per step, and
+  the JAX ops of each fusion found in `fusions`)."""
   if not events:
     return {"busy_ms": 0.0, "span_ms": 0.0, "launches": 0.0, "top": [],
             **{f"{k}_ms": 0.0 for k in KINDS}}
@@ -79,7 +154,7 @@ def breakdown(events, steps: int) -> dict:
   per_kind = {k: 0 for k in KINDS}
   by_name: dict[str, list] = {}
   for name, _, d in events:
-    per_kind[kind_of(name)] += d
+    per_kind[kind_of(name, fusions)] += d
     t = by_name.setdefault(name, [0, 0])
     t[0] += d
     t[1] += 1
@@ -87,8 +162,11 @@ def breakdown(events, steps: int) -> dict:
   return {"busy_ms": busy / steps / 1e6, "span_ms": span / steps / 1e6,
           "launches": len(events) / steps,
           **{f"{k}_ms": v / steps / 1e6 for k, v in per_kind.items()},
-          "top": [{"name": n[:90], "kind": kind_of(n), "us": t / steps / 1e3,
-                   "launches": c / steps} for n, (t, c) in top]}
+          "top": [{"name": n[:90], "kind": kind_of(n, fusions), "us": t / steps / 1e3,
+                   "launches": c / steps,
+                   **({"ops": fusions[kernel_key(n)]["ops"][:8]}
+                      if kernel_key(n) in (fusions or {}) else {})}
+                  for n, (t, c) in top]}
 
 
 def device_events(trace_dir: str):
@@ -113,13 +191,13 @@ def device_events(trace_dir: str):
   return out, bool(planes)
 
 
-def profile_one(prep, ctx: int, steps: int, trace_dir: str):
+def profile_one(prep, ctx: int, steps: int, trace_dir: str, fusions: dict | None = None):
   import jax
   ms, _ = prep.run(ctx)
   with jax.profiler.trace(trace_dir):
     prep.run(ctx, reps=1)  # a warm-up call and a timed one: 2 x steps tokens
   events, on_gpu = device_events(trace_dir)
-  return ms, breakdown(events, 2 * steps), on_gpu
+  return ms, breakdown(events, 2 * steps, fusions), on_gpu
 
 
 def format_table(rows, meta) -> str:
@@ -188,6 +266,9 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--steps", type=int, default=16)
   ap.add_argument("--backend", default="auto")
+  ap.add_argument("--hlo", action="store_true",
+                  help="also write each decode loop's optimised HLO (hlo-CONFIG.txt), whose "
+                       "fusions the kernel names in the JSON are")
   ap.add_argument("--smoke", action="store_true", help="tiny model on CPU")
   args = ap.parse_args(argv)
   import jax
@@ -230,9 +311,13 @@ def main(argv=None):
     except Exception as e:  # noqa: BLE001 - e.g. does not fit: the next config
       rows += [{**base, "ctx": c, "error": f"{type(e).__name__}: {str(e)[:150]}"} for c in ctxs]
       continue
+    hlo = prep.compiled.as_text()
+    if args.hlo:
+      (out / f"hlo-{label}.txt").write_text(hlo)
+    fusions = hlo_fusions(hlo)
     for ctx in ctxs:
       ms, br, on_gpu = profile_one(prep, ctx, args.steps,
-                                   str(out / f"trace-{label}-{ctx}"))
+                                   str(out / f"trace-{label}-{ctx}"), fusions)
       kb = bd.kv_bytes_read(config, mask, ctx, args.batch, bd.kv_item(config, args.kv_dtype))
       floor = (wb + kb) / (copy * 1e9) * 1e3
       row = {**base, "ctx": ctx, "ms_per_token": ms, "floor_ms": floor, "x_floor": ms / floor,

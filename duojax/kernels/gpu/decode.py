@@ -35,8 +35,9 @@ from duojax.kernels.gpu.launch import (Launch, cdiv, dtype_name, kv_bits, kv_par
 
 # Tuning: the best of 36 (block_n, warps, stages, programs) variants at 128K tokens, 4 KV
 # heads, G = 4 on an H100 (infer/bench_kernels.py --variants; the top five were within 2%).
-# 264 programs = two per SM of the H100's 132.
-DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs": 264,
+# 264 programs = two per SM of the H100's 132. On the H200 three stages beat two: 67.6 vs
+# 73.3 us at 128K, 23.1 vs 25.1 us at 32K (infer/results/h200-2026-12-04/variants/).
+DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs": 264,
                  "max_splits": 128,
                  # quantised caches: scales and zeros folded out of the products (`_scan`)
                  # instead of dequantising each tile; off until timed on a GPU
