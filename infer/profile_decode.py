@@ -13,8 +13,9 @@ time per token (overlaps merged) against the wall time, so idle = wall - busy is
 kernel ran (launch gaps, host work), and busy time per kind: `matmul` (cuBLAS / XLA GEMM
 fusions, and any fusion the optimised HLO says was made from a dot: the weights),
 `attention` (the Triton decode kernels), `other` (norms, RoPE, the cache writes,
-sampling). The JSON's longest kernels list the JAX ops each fusion was made from. Weight bytes / matmul time is the bandwidth the projections reach,
-against the copy bandwidth measured in the same run.
+sampling). The JSON's longest kernels list the JAX ops each fusion was made from. Weight
+bytes / matmul time is the bandwidth the projections reach, against the copy bandwidth
+measured in the same run.
 
 The model, cache and decode loop are infer/bench_decode.py's (random weights of the real
 shape, the cache filled with pseudo-random values, `cache.lengths` set to the context);
@@ -267,8 +268,8 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=16)
   ap.add_argument("--backend", default="auto")
   ap.add_argument("--hlo", action="store_true",
-                  help="also write each decode loop's optimised HLO (hlo-CONFIG.txt), whose "
-                       "fusions the kernel names in the JSON are")
+                  help="also write each decode loop's optimised HLO (hlo-CONFIG.txt): the "
+                       "fusions named in the JSON's kernel list are defined there")
   ap.add_argument("--smoke", action="store_true", help="tiny model on CPU")
   args = ap.parse_args(argv)
   import jax
