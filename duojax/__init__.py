@@ -51,7 +51,8 @@ def generate(model, prompt, max_new_tokens: int = 64, chat: bool = False,
   if not texts or not all(isinstance(t, str) for t in texts):
     raise TypeError("prompt must be a str or a non-empty list of str")
   prompts = [model.encode_prompt(t, chat) for t in texts]
-  r = engine.generate(model.params, model.config, prompts, max_new_tokens, model.mask,
+  # the handle as loaded (packed weights and all), not `model.params`: that rebuilds it
+  r = engine.generate(model.model, model.config, prompts, max_new_tokens, model.mask,
                       prefill_chunk, engine.SamplingSettings(temperature, top_p), seed,
                       resolve_backend(backend), compensation=model.compensation)
   eos = set(model.config.eos_token_ids)

@@ -23,7 +23,7 @@ Each cache kind brings its attention: the kinds defined here register theirs wit
 kind (the compensated one of `duojax.compensation`) register how they are built and
 sized with `register_stream_part`, so this module imports no feature module.
 
-Quantised caches (init_cache(..., kv_dtype="int8" | "int4")): every k / v buffer above
+Quantised caches (init_cache(..., kv_dtype="int8" | "int4" | "k8v4")): every k / v buffer
 is a `duojax.kv_quant.QuantKV` (codes + a float32 scale and zero per token per KV head)
 instead of an array. Writes quantise the chunk (`write_full`, `write_stream` act on each
 of its leaves alike), attention reads the codes and dequantises: the xla reference up
@@ -144,8 +144,8 @@ def _layer_shapes(config, mask, batch, capacity):
 
 
 def _kv_storage(dtype, kv_dtype, compensation):
-  """(dtype of plain buffers, quantisation bits or None) for init_cache / kv_cache_bytes."""
-  bits = kv_quant.bits_of(kv_dtype)
+  """(dtype of plain buffers, (key bits, value bits) or None) for init_cache / kv_cache_bytes."""
+  bits = kv_quant.kv_bits_of(kv_dtype)
   if bits is not None and compensation:
     raise ValueError("the compensation token is built for unquantised caches only; use "
                      "kv_dtype bf16 (--kv-dtype bf16) with --compensation")
@@ -153,8 +153,11 @@ def _kv_storage(dtype, kv_dtype, compensation):
   return plain, bits
 
 
-def _buffer(shape, dtype, bits):
-  return jnp.zeros(shape, dtype) if bits is None else kv_quant.empty(shape, bits)
+def _buffers(shape, dtype, bits):
+  """The (k, v) buffers of one cache part: plain, or quantised with (key, value) bits."""
+  if bits is None:
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+  return kv_quant.empty(shape, bits[0]), kv_quant.empty(shape, bits[1])
 
 
 def init_cache(config: ModelConfig, batch: int, capacity: int, mask=None,
@@ -164,21 +167,21 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, mask=None,
 
   compensation: streaming parts also keep RazorAttention's compensation token
   (a `duojax.compensation.CompLayerCache`).
-  kv_dtype: None (buffers in `dtype`), "bf16", "fp32", or "int8" / "int4": every k / v
-  buffer a kv_quant.QuantKV (codes + float32 scale and zero per token per KV head).
+  kv_dtype: None (buffers in `dtype`), "bf16", "fp32", or "int8" / "int4" / "k8v4": every
+  k / v buffer a kv_quant.QuantKV (codes + float32 scale and zero per token per KV head;
+  k8v4: int8 keys, int4 values).
   """
   dtype, bits = _kv_storage(dtype, kv_dtype, compensation)
   layers = []
   for kind, full, stream in _layer_shapes(config, mask, batch, capacity):
-    fc = FullLayerCache(_buffer(full, dtype, bits), _buffer(full, dtype, bits))
+    fc = FullLayerCache(*_buffers(full, dtype, bits))
     if kind == "full":
       layers.append(fc)
       continue
     if compensation:
       sc = _stream_part("compensation").init(stream, dtype, mask.sink, mask.recent)
     else:
-      sc = StreamLayerCache(_buffer(stream, dtype, bits), _buffer(stream, dtype, bits),
-                            mask.sink, mask.recent)
+      sc = StreamLayerCache(*_buffers(stream, dtype, bits), mask.sink, mask.recent)
     layers.append(sc if kind == "stream" else DuoLayerCache(fc, sc))
   return KVCache(tuple(layers), jnp.zeros((batch,), jnp.int32))
 
@@ -190,14 +193,16 @@ def kv_cache_bytes(config: ModelConfig, mask, length: int, batch: int = 1,
   kv_dtype)` allocates (a quantised cache's scales and zeros included)."""
   dtype, bits = _kv_storage(dtype, kv_dtype, compensation)
   item = np.dtype(dtype).itemsize
-  size = (lambda shape: item * int(np.prod(shape))) if bits is None else (
-      lambda shape: kv_quant.nbytes(shape, bits))
+  if bits is None:
+    size = lambda shape: 2 * item * int(np.prod(shape))
+  else:
+    size = lambda shape: kv_quant.nbytes(shape, bits[0]) + kv_quant.nbytes(shape, bits[1])
   total = batch * 4  # lengths
   for kind, full, stream in _layer_shapes(config, mask, batch, length):
     if kind != "stream":
-      total += 2 * size(full)
+      total += size(full)
     if kind != "full":
-      total += 2 * size(stream)
+      total += size(stream)
       if compensation:
         total += _stream_part("compensation").extra_nbytes(stream)
   return total

@@ -112,7 +112,7 @@ def forward_logits(model, config: ModelConfig, prompts: list[list[int]], mask=No
   """Logits for every prompt position (tests, perplexity). Returns [T_i, V] per prompt.
 
   compensation: streaming heads keep RazorAttention's compensation token.
-  kv_dtype: the cache's storage (kvc.init_cache): None as `dtype`, bf16, fp32, int8, int4."""
+  kv_dtype: the cache's storage (kvc.init_cache): None as `dtype`, bf16, fp32, int8, int4, k8v4."""
   chunk = chunk or round_up(max(len(p) for p in prompts), 8)
   tokens, lengths = pad_batch(prompts, chunk)
   params = _handle(model, config, mask)
@@ -314,7 +314,7 @@ def param_shardings_for(mesh, config: ModelConfig):
 
 
 def handle_on_mesh(mesh, config: ModelConfig, params: dict, mask=None,
-                   weights_dtype: str = "bf16") -> ModelHandle:
+                   weights_dtype: str = "bf16", pack: bool = False) -> ModelHandle:
   """A handle from params already on `mesh` (a restore into `param_shardings_for`): the
   head reorder for `mask` runs as one jit whose outputs keep those shardings (it moves KV
   heads between tensor shards; an eager jnp.take could leave whole copies per device).
@@ -322,14 +322,17 @@ def handle_on_mesh(mesh, config: ModelConfig, params: dict, mask=None,
   scales are per output channel, so they follow the reordered heads), its outputs sharded
   by the rules for quantised weights (duojax.sharding: values as the bf16 weight, scales
   replicated on their size-1 contracted axes): each device quantises its own shard (GSPMD
-  all-reduces the absmax where a contracted axis is split: wo, w_down), none the model."""
+  all-reduces the absmax where a contracted axis is split: wo, w_down), none the model.
+  pack: the same jit packs q/k/v and gate/up (model/pack.py) between the two; the packed
+  weights keep the kv_heads and mlp splits (their packing axes are never split), so each
+  device packs its own shards."""
   from duojax import sharding
   from duojax.model import quant
   if weights_dtype not in quant.WEIGHT_DTYPES:  # before compiling anything
     quant.quantize_params(params, weights_dtype)  # raises, naming the choices
-  if mask is not None or weights_dtype != "bf16":
+  if mask is not None or weights_dtype != "bf16" or pack:
     def prepare(p):
-      return model_handle.prepare_params(p, mask, weights_dtype)
+      return model_handle.prepare_params(p, mask, weights_dtype, pack)
     out = sharding.param_shardings(jax.eval_shape(prepare, params), mesh, config=config)
     params = jax.jit(prepare, out_shardings=out)(params)
   # quantised above (from_params would quantise again, on whichever device holds it)

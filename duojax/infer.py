@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from duojax import serving, validate
+from duojax import kv_quant, serving, validate
 from duojax.checkpoint.hf import CheckpointError
 from duojax.config import DEPLOY, ConfigError, DuoSettings
 from duojax.engine import InputError, SamplingSettings, generate
@@ -53,10 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--weights-dtype", choices=("bf16", "int8"), default="bf16",
                   help="int8: weight-only quantised projections (qwix, a scale per output "
                        "channel); bf16: the weights as stored")
-  ap.add_argument("--kv-dtype", choices=("bf16", "fp32", "int8", "int4"), default=None,
+  ap.add_argument("--kv-dtype", choices=kv_quant.KV_DTYPES, default=None,
                   help="KV cache storage: int8/int4 quantise each token's keys and values per "
                        "KV head (a float32 scale and zero point; int4 two values a byte); "
-                       "default: the compute dtype")
+                       "k8v4: int8 keys, int4 values (for models whose keys have outlier "
+                       "channels, e.g. Qwen2.5); default: the compute dtype")
   ap.add_argument("--backend", default="auto", help="attention backend: auto, xla, gpu, tpu")
   ap.add_argument("--mesh", default=None,
                   help="device mesh, e.g. data=2,tensor=4 or sequence=8 (axes data, fsdp, "
@@ -76,7 +77,7 @@ def check_args(a) -> str:
   validate.at_least("--prefill-chunk", a.prefill_chunk, 1)
   if a.prompt is not None and not any(p.strip() for p in a.prompt):
     raise validate.ArgumentError("--prompt is empty; pass the prompt text")
-  if a.compensation and a.kv_dtype in ("int8", "int4"):
+  if a.compensation and kv_quant.kv_bits_of(a.kv_dtype):
     raise validate.ArgumentError("--compensation is built for unquantised caches; drop it or "
                                  "use --kv-dtype bf16")
   if a.compensation and a.attention == "full":

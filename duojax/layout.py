@@ -24,7 +24,12 @@ LAYER_AXES: dict[str, tuple[str, ...]] = {
     "wo": ("kv_heads", "q_group", "head_dim", "embed"),
     "bq": ("kv_heads", "q_group", "head_dim"), "bk": ("kv_heads", "head_dim"),
     "bv": ("kv_heads", "head_dim"), "q_norm": ("head_dim",), "k_norm": ("head_dim",),
-    "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed")}
+    "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
+    # packed for serving (duojax/model/pack.py): per KV head its G query heads, k, v; and
+    # gate, up. The packing axes get names of their own that no rule splits.
+    "wqkv": ("embed", "kv_heads", "qkv_group", "head_dim"),
+    "bqkv": ("kv_heads", "qkv_group", "head_dim"),
+    "w_gate_up": ("embed", "gate_up", "mlp")}
 TOP_AXES: dict[str, tuple[str, ...]] = {
     "embed": ("vocab", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab")}
 GATE_AXES = ("kv_heads",)  # one DuoAttention gate per KV head of a layer
@@ -64,6 +69,7 @@ def param_shapes(config: ModelConfig) -> dict:
   """The params tree with each leaf replaced by its shape tuple."""
   size = {"vocab": config.vocab_size, "embed": config.hidden_size, "mlp": config.intermediate_size,
           "kv_heads": config.num_kv_heads, "q_group": config.group_size,
+          "qkv_group": config.group_size + 2, "gate_up": 2,
           "head_dim": config.head_dim}
   return _map_axes(lambda axes: tuple(size[a] for a in axes), param_axes(config))
 

@@ -10,6 +10,10 @@ names (the NNX model's `nnx.Param` metadata uses the same names):
   wo [Hkv, G, D, E] (kv_heads, q_group, head_dim, embed)
   bq [Hkv, G, D], bk, bv [Hkv, D]; q_norm, k_norm [D] (head_dim,)
   w_gate, w_up [E, F] (embed, mlp); w_down [F, E] (mlp, embed)
+  packed for serving (duojax/model/pack.py): wqkv [E, Hkv, G+2, D] (embed, kv_heads,
+  qkv_group, head_dim), bqkv [Hkv, G+2, D], w_gate_up [E, 2, F] (embed, gate_up, mlp):
+  the packing axes are never split, so these shard over kv_heads and mlp as the unpacked
+  weights do and a device's shard of the product holds whole q/k/v or gate/up slices
   gates [Hkv] (kv_heads,) or [L, Hkv] (layers, kv_heads)
   KV cache k, v [B, S, H, D] (batch, sequence, kv_heads, head_dim); the streaming
   part [B, W, H, D] (batch, window, kv_heads, head_dim)
@@ -82,6 +86,8 @@ RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "embed": ((), ("fsdp",)),
     "kv_heads": (("tensor",), ("tensor",)),
     "q_group": ((), ()),
+    "qkv_group": ((), ()),  # packed q/k/v slots of a KV head: sliced after the product
+    "gate_up": ((), ()),  # packed gate/up: split apart after the product
     "head_dim": ((), ()),
     "mlp": (("tensor", "sequence"), ("tensor",)),
     "layers": ((), ()),

@@ -25,10 +25,10 @@ through qwix (duojax/model/quant.py; built layer by layer, so the bf16 model is 
 whole beside the int8 one). Configs: full attention and duo at each
 --sparsities (random head masks of exactly that fraction of streaming heads, seeded; sink
 64, recent 256; --configs keeps some, e.g. duo-0.5,duo-0.75).
-KV cache: --kv-dtype bf16, int8 or int4 (codes + float32 scale and zero per token per
-KV head), a comma list runs each. For each (model, weights, batch, config, KV dtype,
-path) the decode loop (`engine.decode`, a jitted while_loop, greedy sampling) is
-compiled once for a cache of the largest context that fits; the cache is filled with
+KV cache: --kv-dtype bf16, int8, int4 or k8v4 (int8 keys, int4 values; codes + float32
+scale and zero per token per KV head), a comma list runs each. For each (model, weights,
+batch, config, KV dtype, path) the decode loop (`engine.decode`, a jitted while_loop,
+greedy sampling) is compiled once for a cache of the largest context that fits; the cache is filled with
 pseudo-random values (a hash of each slot's position: no RNG temporaries at large
 capacities, the same values on every path) and
 `cache.lengths` set to each context in turn (the kernels read each row only up to its
@@ -97,7 +97,7 @@ K = 1024
 M = K * K
 GiB = 2**30
 SINK, RECENT = DEPLOY.sink, DEPLOY.recent
-KV_DTYPES = ("bf16", "int8", "int4")
+KV_DTYPES = ("bf16", "int8", "int4", "k8v4")
 WEIGHT_DTYPES = ("bf16", "int8")
 PATHS = ("plain", "mesh", "cp")
 
@@ -198,12 +198,13 @@ def kv_bytes_read(config, mask, ctx: int, batch: int, item=2) -> int:
 
 def kv_item(config, kv_dtype) -> float:
   """Bytes read per cached k or v element: 2 for bf16; int8 / int4 codes plus their float32
-  scale and zero per token per KV head (duojax.kv_quant)."""
+  scale and zero per token per KV head (duojax.kv_quant); k8v4: the mean of its int8 keys
+  and int4 values."""
   from duojax import kv_quant
-  bits = kv_quant.bits_of(kv_dtype)
+  bits = kv_quant.kv_bits_of(kv_dtype)
   if bits is None:
     return 4 if kv_dtype == "fp32" else 2
-  return kv_quant.nbytes((1, config.head_dim), bits) / config.head_dim
+  return sum(kv_quant.nbytes((1, config.head_dim), b) for b in bits) / (2 * config.head_dim)
 
 
 def dtype_list(spec: str, allowed, flag: str) -> list[str]:
@@ -414,15 +415,19 @@ def random_cache(config, batch, capacity, mask, seed=0, kv_dtype=None, shardings
   return jax.tree_util.tree_unflatten(tree, out)
 
 
-def build_params(config, weights_dtype: str = "bf16", seed: int = 0):
+def build_params(config, weights_dtype: str = "bf16", seed: int = 0, pack: bool = True):
   """Pseudo-random weights of `config` as the plain params dict, each tensor from its own
   seed (so bf16 and int8 builds hold the same values before quantisation). int8: each
   layer is made in bf16 and quantised before the next is made, so the whole bf16 model
   never sits beside the int8 one (an 8B model: 16 GB + 8 GB), and the freed bf16 buffers
-  are one layer's size, reused by the next layer instead of fragmenting device memory."""
+  are one layer's size, reused by the next layer instead of fragmenting device memory.
+  pack: each layer's q/k/v and gate/up packed as they are made (duojax/model/pack.py, what
+  serving.load_model serves), so the unpacked layer is freed at once; same values, same
+  bytes."""
   import jax
   from duojax.layout import param_shapes
   from duojax.model import quant
+  from duojax.model.pack import pack_layer
   shapes = param_shapes(config)
   counter = iter(range(1 << 20))
 
@@ -440,7 +445,8 @@ def build_params(config, weights_dtype: str = "bf16", seed: int = 0):
   layers = []
   for lshapes in shapes["layers"]:
     lp = {n: make(s) for n, s in lshapes.items()}
-    layers.append(quantised({"layers": [lp]})["layers"][0])
+    lp = quantised({"layers": [lp]})["layers"][0]
+    layers.append(pack_layer(lp) if pack else lp)
     del lp
   out["layers"] = layers
   if "lm_head" in shapes:
@@ -677,7 +683,7 @@ def run_jax(args, copy_GBps):
       params = None  # the previous weights go before the next are made
       gc.collect()
       t0 = time.perf_counter()
-      params = build_params(config, wd)
+      params = build_params(config, wd, pack=not args.no_pack)
       w_alloc = weights_alloc(params)
       print(f"[jax] {name}: {wd} weights {w_alloc / 1e9:.2f} GB in "
             f"{time.perf_counter() - t0:.1f}s", flush=True)
@@ -837,7 +843,7 @@ def capacity_worker(args, job: dict) -> dict:
   mask = None if job["sparsity"] is None else random_mask(config, float(job["sparsity"]))
   batch, kvd, steps = job["batch"], job["kv_dtype"], args.steps
   t0 = time.perf_counter()
-  params = build_params(config, job["weights_dtype"])
+  params = build_params(config, job["weights_dtype"], pack=not args.no_pack)
   h = model_handle.from_params(config, params, mask, reordered=True)
   w_alloc, wb = weights_alloc(params), weight_bytes_read(config, params, batch)
   del params
@@ -1211,8 +1217,11 @@ def build_parser():
   ap.add_argument("--steps", type=int, default=16)
   ap.add_argument("--backend", default="auto")
   ap.add_argument("--kv-dtype", default="bf16",
-                  help="duojax's KV cache, a comma list of bf16, int8, int4 (codes + float32 "
+                  help="duojax's KV cache, a comma list of bf16, int8, int4, k8v4 (codes + float32 "
                        "scale and zero per token per KV head; the floor counts those bytes)")
+  ap.add_argument("--no-pack", action="store_true",
+                  help="serve q/k/v and gate/up as separate weights (default: packed, one "
+                       "product each, as serving.load_model does; duojax/model/pack.py)")
   ap.add_argument("--weights-dtype", default="bf16",
                   help="comma list of bf16, int8 (weight-only int8 projections through qwix; "
                        "the floor counts codes + scales)")
@@ -1394,6 +1403,7 @@ def main(argv=None):
           "fold_scales": args.fold_scales, "sync_every": _sync_every(args),
           "quant_decode_config": args.quant_decode_config,
           "weights_dtype": args.weights_dtype, "paths": resolve_paths(args),
+          "packed_weights": not args.no_pack,
           "mesh": mesh_spec(args) if resolve_paths(args) != ["plain"] else None,
           "device_count": jax.device_count()}
   print(f"# {meta['device']} copy {copy:.0f} GB/s, backend {args.backend}", flush=True)

@@ -54,7 +54,7 @@ def main(argv=None):
   ap.add_argument("--chunk", type=int, default=4096)
   ap.add_argument("--sparsities", default="0.5")
   ap.add_argument("--configs", default="full,duo", help="full, duo (at each --sparsities)")
-  ap.add_argument("--kv-dtype", default="bf16", choices=("bf16", "int8", "int4"))
+  ap.add_argument("--kv-dtype", default="bf16", choices=("bf16", "int8", "int4", "k8v4"))
   ap.add_argument("--weights-dtype", default="bf16", choices=("bf16", "int8"))
   ap.add_argument("--probe-chunks", type=int, default=4,
                   help="also compile for a cache of this many chunks: XLA's temporaries there "

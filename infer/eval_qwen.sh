@@ -17,7 +17,7 @@
 # numeric passkey, perplexity at the longest length (bands at the others).
 # Methods: full, duo / random / razor / rscore at 0.25, 0.5, 0.75, streaming (14);
 # perplexity for full, streaming and each pattern at 0.5 (random adds nothing there).
-# ATTENTION / PPL_ATTENTION / SPARSITIES choose fewer; KV_DTYPE=int8|int4 quantises the
+# ATTENTION / PPL_ATTENTION / SPARSITIES choose fewer; KV_DTYPE=int8|int4|k8v4 quantises the
 # cache of every method, e.g. the KV-quantisation grid:
 #   KV_DTYPE=int4 ATTENTION=full,duo PPL_ATTENTION=full,duo@0.5 SPARSITIES=0.5 infer/eval_qwen.sh ...
 #
@@ -48,7 +48,7 @@ ATTENTION=${ATTENTION:-full,duo,streaming,random,razor,rscore}
 PPL_ATTENTION=${PPL_ATTENTION:-full,streaming,duo@0.5,razor@0.5,rscore@0.5}
 EXTRA_ARGS=()
 [ -n "${HAYSTACK:-}" ] && EXTRA_ARGS=(--haystack "$HAYSTACK")
-# KV_DTYPE=int8 / int4: every method's cache quantised (issue 18's accuracy grid)
+# KV_DTYPE=int8 / int4 / k8v4: every method's cache quantised (issue 18's accuracy grid)
 [ -n "${KV_DTYPE:-}" ] && EXTRA_ARGS+=(--kv-dtype "$KV_DTYPE")
 
 cd "$(dirname "$0")/.."

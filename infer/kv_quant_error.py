@@ -12,13 +12,13 @@ the kernels read back), and the output's error relative to the exact one is reco
 
 The residual stream stays exact, so a layer's figure is its own loss, not a sum of the
 layers before it. Variants: K or V alone at 8 / 4 bits, both (what `--kv-dtype int8 /
-int4` store), int8 keys with int4 values (`--kv-dtype k8v4`), and int4 keys after a static per-channel
-rescaling of q and k ("smoothed"): for each KV head and RoPE pair, k is divided and q
-multiplied by s = 2^round(log2(sqrt(rms|k| / rms|q|))) over the same tokens (in-sample, so
-an optimistic bound for such a static fix). The scale is a power of two and shared by the
-two channels RoPE rotates together, so q . k is unchanged exactly; only the int4 rounding
-sees the rescaled channels. "K4 per-channel" is KIVI's key grouping (a range per channel
-over 128 tokens), computed here only: duojax's caches do not store it.
+int4` store), int8 keys with int4 values (`--kv-dtype k8v4`), and int4 keys after a
+static per-channel rescaling of q and k ("smoothed"): for each KV head and RoPE pair, k
+is divided and q multiplied by s = 2^round(log2(sqrt(rms|k| / rms|q|))) over the same
+tokens (in-sample, so an optimistic bound for such a static fix). The scale is a power of
+two and shared by the two channels RoPE rotates together, so q . k is unchanged exactly;
+only the int4 rounding sees the rescaled channels. "K4 per-channel" is KIVI's key grouping
+(a range per channel over 128 tokens), computed here only: duojax's caches do not store it.
 
 Why this tool exists: int4 (one scale and zero per token per KV head) keeps SmolLM2 usable
 but breaks Qwen2.5 (issue 18's grid, ppl 30 -> 213), and this says which buffer and which

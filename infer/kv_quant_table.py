@@ -19,14 +19,14 @@ import json
 import re
 from pathlib import Path
 
-KV_ORDER = ("bf16", "fp32", "int8", "int4")
+KV_ORDER = ("bf16", "fp32", "int8", "k8v4", "int4")
 
 
 def load(folder: Path) -> dict:
   """{(task, kv_dtype): eval document} for OUT/{task}_{kv}.json."""
   docs = {}
   for p in sorted(folder.glob("*_*.json")):
-    m = re.fullmatch(r"(niah|mkniah|passkey)_(bf16|fp32|int8|int4)\.json", p.name)
+    m = re.fullmatch(r"(niah|mkniah|passkey)_(bf16|fp32|int8|int4|k8v4)\.json", p.name)
     if m:
       docs[m.group(1), m.group(2)] = json.loads(p.read_text())
   return docs

@@ -29,7 +29,7 @@ def main(argv=None):
   ap.add_argument("--sparsity", type=float, default=0.5)
   ap.add_argument("--out", default=None)
   a = ap.parse_args(argv)
-  m = load_model(a.ckpt, "full")
+  m = load_model(a.ckpt, "full", pack=False)  # runs from m.params (the dict) per kind
   from duojax.pattern import load_any
   from duojax.checkpoint import store
   pat = load_any(a.pattern) if a.pattern else load_any(store.default_pattern_dir(m.ckpt))

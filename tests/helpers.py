@@ -48,6 +48,11 @@ AGREED_AXES = {
     "bv": ("kv_heads", "head_dim"), "q_norm": ("head_dim",), "k_norm": ("head_dim",),
     "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
 }
+# The names of the weights a model serves packed (duojax/model/pack.py), likewise written out.
+PACKED_AXES = {
+    "wqkv": ("embed", "kv_heads", "qkv_group", "head_dim"),
+    "bqkv": ("kv_heads", "qkv_group", "head_dim"), "w_gate_up": ("embed", "gate_up", "mlp"),
+}
 
 
 def gated_oracle(q, k, v, lengths, gates, sink, recent):

@@ -54,8 +54,10 @@ def f32(*xs):
   return [x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in xs]
 
 
-def kv(shape, bits, dtype=jnp.bfloat16):
-  """A cache buffer: plain random values, or (bits 8 / 4) random values quantised."""
+def kv(shape, bits, which=0, dtype=jnp.bfloat16):
+  """A cache buffer: plain random values, or (bits 8 / 4) random values quantised. bits may
+  be a (key, value) pair, k8v4's (8, 4): `which` 0 makes a key buffer, 1 a value one."""
+  bits = bits if isinstance(bits, int) else bits[which]
   if not bits:
     return rnd(shape, dtype)
   from duojax import kv_quant
@@ -95,8 +97,10 @@ class folded_scales:
     kd.QUANT_DECODE_CONFIG.update(self.saved)
 
 
-# (bits, fold): plain, int8 and int4 caches, the quantised ones also with folded scales
-QUANT = [(0, False), (8, False), (4, False), (8, True), (4, True)]
+# (bits, fold): plain, int8, int4 and k8v4 (int8 keys, int4 values) caches, the quantised
+# ones also with folded scales
+K8V4 = (8, 4)
+QUANT = [(0, False), (8, False), (4, False), (K8V4, False), (8, True), (4, True), (K8V4, True)]
 
 
 def check(out, want, dtype, valid_rows=None):
@@ -120,7 +124,7 @@ DECODE_SHAPES = SHAPES + [(3, 1, 128), (2, 4, 64)]
 def test_full_decode_gpu(h, g, d, bits, fold):
   b, s, dtype = 4, 1037, jnp.bfloat16
   lens = jnp.asarray([1037, 1, 517, 64], jnp.int32)
-  q, k, v = rnd((b, 1, h, g, d), dtype), kv((b, s, h, d), bits), kv((b, s, h, d), bits)
+  q, k, v = rnd((b, 1, h, g, d), dtype), kv((b, s, h, d), bits), kv((b, s, h, d), bits, 1)
   q_pos = (lens - 1)[:, None]
   want = reference.full_chunk_attention(*ref(q, k, v), q_pos, lens)
   with folded_scales(fold):
@@ -159,8 +163,8 @@ def test_streaming_decode_gpu(h, g, d, sink, recent, bits, fold):
   w = sink + recent
   start = jnp.asarray([0, 3, w - 1, w + 5, 10_007], jnp.int32)  # tokens already cached
   q = rnd((b, 1, h, g, d), dtype)
-  sk, sv = kv((b, w, h, d), bits), kv((b, w, h, d), bits)
-  k, v = kv((b, 1, h, d), bits), kv((b, 1, h, d), bits)
+  sk, sv = kv((b, w, h, d), bits), kv((b, w, h, d), bits, 1)
+  k, v = kv((b, 1, h, d), bits), kv((b, 1, h, d), bits, 1)
   pos, valid = kvc.stream_slot_positions(start, sink, recent)
   q_pos, n_valid = start[:, None], jnp.ones((b,), jnp.int32)
   args = (pos, valid)
@@ -183,9 +187,9 @@ def test_duo_decode_gpu(hr, hs, g, d, sink, recent, bits, fold):
   lens = jnp.asarray([1500, 1, 333, w + 7], jnp.int32)  # after the new token
   start = lens - 1
   q = rnd((b, 1, hr + hs, g, d), dtype)
-  kc, vc = kv((b, s, hr, d), bits), kv((b, s, hr, d), bits)
-  sk, sv = kv((b, w, hs, d), bits), kv((b, w, hs, d), bits)
-  k, v = kv((b, 1, hr + hs, d), bits), kv((b, 1, hr + hs, d), bits)
+  kc, vc = kv((b, s, hr, d), bits), kv((b, s, hr, d), bits, 1)
+  sk, sv = kv((b, w, hs, d), bits), kv((b, w, hs, d), bits, 1)
+  k, v = kv((b, 1, hr + hs, d), bits), kv((b, 1, hr + hs, d), bits, 1)
   pos, valid = kvc.stream_slot_positions(start, sink, recent)
   args = (start[:, None], lens)
   n_valid = jnp.ones((b,), jnp.int32)
@@ -198,14 +202,14 @@ def test_duo_decode_gpu(hr, hs, g, d, sink, recent, bits, fold):
 
 
 @pytest.mark.parametrize("h,g,d", SHAPES)
-@pytest.mark.parametrize("bits", [0, 8, 4])
+@pytest.mark.parametrize("bits", [0, 8, 4, K8V4])
 def test_full_chunk_gpu(h, g, d, bits):
   """Quantised caches never take the tokamax route: the Triton kernel dequantises."""
   b, t, s, dtype = 3, 203, 1300, jnp.bfloat16
   start = jnp.asarray([0, 701, 333], jnp.int32)
   n_valid = jnp.asarray([203, 131, 7], jnp.int32)
   q = rnd((b, t, h, g, d), dtype)
-  kc, vc = kv((b, s, h, d), bits), kv((b, s, h, d), bits)
+  kc, vc = kv((b, s, h, d), bits), kv((b, s, h, d), bits, 1)
   q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
   kv_len = start + n_valid
   out = jax.jit(kg.full_chunk)(q, kc, vc, q_pos, kv_len)
@@ -237,15 +241,15 @@ def test_full_chunk_routes_gpu(h, g, d, route):
 
 @pytest.mark.parametrize("h,g,d", SHAPES)
 @pytest.mark.parametrize("sink,recent", [(64, 256), (16, 37)])
-@pytest.mark.parametrize("bits", [0, 8, 4])
+@pytest.mark.parametrize("bits", [0, 8, 4, K8V4])
 def test_streaming_chunk_gpu(h, g, d, sink, recent, bits):
   b, t, dtype = 4, 517, jnp.bfloat16
   w = sink + recent
   start = jnp.asarray([0, 20, 1000, 50_000], jnp.int32)
   n_valid = jnp.asarray([517, 300, 1, 517], jnp.int32)
   q = rnd((b, t, h, g, d), dtype)
-  sk, sv = kv((b, w, h, d), bits), kv((b, w, h, d), bits)
-  k, v = kv((b, t, h, d), bits), kv((b, t, h, d), bits)
+  sk, sv = kv((b, w, h, d), bits), kv((b, w, h, d), bits, 1)
+  k, v = kv((b, t, h, d), bits), kv((b, t, h, d), bits, 1)
   pos, valid = kvc.stream_slot_positions(start, sink, recent)
   q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
   out = jax.jit(kg.streaming_chunk, static_argnums=(9, 10))(
@@ -328,7 +332,7 @@ def test_triton_partial_route_under_shard_map_gpu(t, dtype):
 # -- quantised caches through the whole model ---------------------------------------------
 # (the kernels on int8 / int4 buffers: the `bits` cases of the tests above)
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4", "k8v4"])
 def test_quant_generate_gpu_vs_xla(kv_dtype):
   """The whole model on a quantised cache: chunked prefill + the decode loop through the
   kernels (the fused duo_decode included) give the reference's greedy tokens."""

@@ -285,18 +285,21 @@ class TpuKernelChecks:
     assert not np.asarray(out[2, 20 + 63:], np.float32).any()  # window entirely past the end
 
   # -- quantised caches: int8 / int4 codes + scales, dequantised inside the kernels ----------
-  @pytest.mark.parametrize("bits,layout,dtype", [(8, "gqa", jnp.float32), (4, "mha", jnp.bfloat16),
-                                                 (4, "gqa", jnp.float32), (8, "mha", jnp.bfloat16)])
+  @pytest.mark.parametrize("bits,layout,dtype", [
+      (8, "gqa", jnp.float32), (4, "mha", jnp.bfloat16), (4, "gqa", jnp.float32),
+      (8, "mha", jnp.bfloat16), ((8, 4), "gqa", jnp.float32), ((8, 4), "mha", jnp.bfloat16)])
   def test_quantized_cache_ops(self, bits, layout, dtype):
     """Chunk and decode ops over kv_quant.QuantKV caches equal the dequantising reference:
-    ragged lengths, ragged last key block, a wrapped ring, odd chunk length."""
+    ragged lengths, ragged last key block, a wrapped ring, odd chunk length. bits (8, 4):
+    k8v4's int8 keys beside int4 values."""
     from duojax import kv_quant as kq
     h, g, d, _ = LAYOUTS[layout]  # quantised: every step takes all KV heads (block_h None)
-    rng = np.random.default_rng(20 + bits)
-    quant = lambda shape: kq.quantize(_randn(rng, shape, jnp.float32), bits)
+    kb, vb = (bits, bits) if isinstance(bits, int) else bits
+    rng = np.random.default_rng(20 + kb + vb)
+    quant = lambda shape, nb=kb: kq.quantize(_randn(rng, shape, jnp.float32), nb)
     b, t, s = 3, 9, 300
     q = _randn(rng, (b, t, h, g, d), dtype)
-    kc, vc = quant((b, s, h, d)), quant((b, s, h, d))
+    kc, vc = quant((b, s, h, d)), quant((b, s, h, d), vb)
     kv_len = jnp.array([300, 17, 150], jnp.int32)
     q_pos = kv_len[:, None] - t + jnp.arange(t, dtype=jnp.int32)
     out = self.call(ktpu.full_chunk, q, kc, vc, q_pos, kv_len, block_q=8, block_k=128)
@@ -307,8 +310,8 @@ class TpuKernelChecks:
     sink, recent = 3, 130  # W = 133: with the chunk, a full key block of 128 and more
     start = jnp.array([0, 50, 1000], jnp.int32)  # empty ring; filling; wrapped
     slot_pos, slot_valid = kvc.stream_slot_positions(start, sink, recent)
-    sk, sv = quant((b, sink + recent, h, d)), quant((b, sink + recent, h, d))
-    k, v = quant((b, t, h, d)), quant((b, t, h, d))
+    sk, sv = quant((b, sink + recent, h, d)), quant((b, sink + recent, h, d), vb)
+    k, v = quant((b, t, h, d)), quant((b, t, h, d), vb)
     n_valid = jnp.array([9, 4, 1], jnp.int32)
     args = (q, sk, sv, slot_pos, slot_valid, k, v, start[:, None] + jnp.arange(t), n_valid)
     out = self.call(ktpu.streaming_chunk, *args, sink=sink, recent=recent, block_q=8,
@@ -322,7 +325,7 @@ class TpuKernelChecks:
       ktpu.full_chunk(q, kc, vc, q_pos, kv_len, interpret=True, block_h=1)
 
   # -- the whole model ---------------------------------------------------------------------
-  @pytest.mark.parametrize("kv_dtype", [None, "int8", "int4"])
+  @pytest.mark.parametrize("kv_dtype", [None, "int8", "int4", "k8v4"])
   def test_model_matches_xla(self, kv_dtype):
     """Chunked prefill (3 chunks, ragged batch) and decode of a tiny DuoAttention model:
     backend tpu(-interpret) gives the xla backend's logits (int8 / int4: both read the

@@ -125,7 +125,7 @@ def test_constant_groups_and_zeros_are_exact(bits):
 
 
 def test_bad_kv_dtypes_get_clear_errors():
-  with pytest.raises(ValueError, match="kv_dtype must be one of bf16, fp32, int8, int4"):
+  with pytest.raises(ValueError, match="kv_dtype must be one of bf16, fp32, int8, int4, k8v4"):
     kvc.init_cache(tiny_config(), 1, 8, kv_dtype="int2")
   with pytest.raises(ValueError, match="head_dim=7 is odd: use kv_dtype int8"):
     kq.empty((1, 8, 2, 7), 4)  # (model configs have even head dims: RoPE)
@@ -137,7 +137,7 @@ def test_bad_kv_dtypes_get_clear_errors():
 
 # -- cache layout and bytes ----------------------------------------------------------------
 
-@pytest.mark.parametrize("kv_dtype", [None, "bf16", "int8", "int4"])
+@pytest.mark.parametrize("kv_dtype", [None, "bf16", "int8", "int4", "k8v4"])
 @pytest.mark.parametrize("duo", [False, True])
 def test_kv_cache_bytes_are_the_allocated_bytes(kv_dtype, duo):
   cfg = tiny_config(head_dim=16)  # 3 layers, 2 KV heads
@@ -149,12 +149,15 @@ def test_kv_cache_bytes_are_the_allocated_bytes(kv_dtype, duo):
   assert nbytes == kvc.cache_nbytes(cache)
   # by hand: bytes per (token, KV head) of k or v
   d = cfg.head_dim
-  per = {None: 4 * d, "bf16": 2 * d, "int8": d + 8, "int4": d // 2 + 8}[kv_dtype]
+  per_k = {None: 4 * d, "bf16": 2 * d, "int8": d + 8, "int4": d // 2 + 8, "k8v4": d + 8}
+  per_v = dict(per_k, k8v4=d // 2 + 8)  # k8v4: int8 keys, int4 values
   slots = cap * cfg.num_layers * cfg.num_kv_heads if not duo else (cap * 3 + 8 * 3)
-  assert nbytes == b * 4 + 2 * b * slots * per
-  if kv_dtype in ("int8", "int4"):
-    leaf = cache.layers[0].full.k if duo else cache.layers[0].k
-    assert isinstance(leaf, kq.QuantKV) and leaf.shape == (b, cap, 1 if duo else 2, d)
+  assert nbytes == b * 4 + b * slots * (per_k[kv_dtype] + per_v[kv_dtype])
+  if kv_dtype in ("int8", "int4", "k8v4"):
+    part = cache.layers[0].full if duo else cache.layers[0]
+    assert isinstance(part.k, kq.QuantKV) and part.k.shape == (b, cap, 1 if duo else 2, d)
+    assert (part.k.bits, part.v.bits) == {"int8": (8, 8), "int4": (4, 4), "k8v4": (8, 4)}[kv_dtype]
+    assert part.v.shape == part.k.shape
 
 
 # -- writes ------------------------------------------------------------------------------------
@@ -163,17 +166,21 @@ def _oracle_roundtrip(x, bits):
   return np_dequantize(*np_quantize(x, bits))
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_writes_quantise_each_token_ragged(bits):
+# (key bits, value bits): int8, int4, and k8v4's int8 keys beside int4 values
+BIT_PAIRS = [(8, 8), (4, 4), (8, 4)]
+
+
+@pytest.mark.parametrize("kb,vb", BIT_PAIRS)
+def test_writes_quantise_each_token_ragged(kb, vb):
   """Two ragged chunks into a full cache and a streaming ring (chunk longer than the ring):
   the quantised cache holds what the fp32 cache holds, quantised slot by slot."""
-  rng = np.random.default_rng(bits)
+  rng = np.random.default_rng(kb + vb)
   b, t, h, d, s = 3, 7, 2, 6, 20
   sink, recent = 2, 3
-  full_q = kvc.FullLayerCache(kq.empty((b, s, h, d), bits), kq.empty((b, s, h, d), bits))
+  full_q = kvc.FullLayerCache(kq.empty((b, s, h, d), kb), kq.empty((b, s, h, d), vb))
   full_f = kvc.FullLayerCache(jnp.zeros((b, s, h, d)), jnp.zeros((b, s, h, d)))
   w = (b, sink + recent, h, d)
-  st_q = kvc.StreamLayerCache(kq.empty(w, bits), kq.empty(w, bits), sink, recent)
+  st_q = kvc.StreamLayerCache(kq.empty(w, kb), kq.empty(w, vb), sink, recent)
   st_f = kvc.StreamLayerCache(jnp.zeros(w), jnp.zeros(w), sink, recent)
   start = jnp.zeros((b,), jnp.int32)
   for n_valid in (jnp.array([7, 3, 0]), jnp.array([5, 7, 2])):
@@ -182,7 +189,7 @@ def test_writes_quantise_each_token_ragged(bits):
     st_q, st_f = (kvc.write_stream(c, k, v, start, n_valid) for c in (st_q, st_f))
     start = start + n_valid
   for cq, cf in ((full_q, full_f), (st_q, st_f)):
-    for xq, xf in ((cq.k, cf.k), (cq.v, cf.v)):
+    for xq, xf, bits in ((cq.k, cf.k, kb), (cq.v, cf.v, vb)):
       assert isinstance(xq, kq.QuantKV) and xq.bits == bits
       np.testing.assert_allclose(np.asarray(kq.dequantize(xq)),
                                  _oracle_roundtrip(np.asarray(xf), bits), atol=1e-5)
@@ -191,19 +198,19 @@ def test_writes_quantise_each_token_ragged(bits):
 
 # -- attention over the quantised cache (the xla reference) -------------------------------------
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("kb,vb", BIT_PAIRS)
 @pytest.mark.parametrize("h,g", [(2, 3), (3, 1)])  # GQA, MHA
-def test_reference_reads_the_dequantised_cache(bits, h, g):
-  rng = np.random.default_rng(10 * bits + h)
+def test_reference_reads_the_dequantised_cache(kb, vb, h, g):
+  rng = np.random.default_rng(10 * kb + vb + h)
   b, t, d, s = 3, 3, 8, 13
   q = rng.standard_normal((b, t, h, g, d)).astype(np.float32)
   kf, vf = (rng.standard_normal((b, s, h, d)).astype(np.float32) for _ in range(2))
   kv_len = np.array([13, 5, 9])
   q_pos = kv_len[:, None] - t + np.arange(t)[None]
-  out = ref.full_chunk_attention(jnp.asarray(q), kq.quantize(jnp.asarray(kf), bits),
-                                 kq.quantize(jnp.asarray(vf), bits), jnp.asarray(q_pos),
+  out = ref.full_chunk_attention(jnp.asarray(q), kq.quantize(jnp.asarray(kf), kb),
+                                 kq.quantize(jnp.asarray(vf), vb), jnp.asarray(q_pos),
                                  jnp.asarray(kv_len))
-  kd, vd = _oracle_roundtrip(kf, bits), _oracle_roundtrip(vf, bits)
+  kd, vd = _oracle_roundtrip(kf, kb), _oracle_roundtrip(vf, vb)
   want = np.zeros(q.shape)
   for bi in range(b):
     vis = (np.arange(s)[None] <= q_pos[bi][:, None]) & (np.arange(s)[None] < kv_len[bi])
@@ -221,7 +228,7 @@ PROMPTS = [23, 11, 17]  # ragged, odd; chunk 8 -> 3 chunks
 # max |logits - fp32 cache's| / max |fp32 cache's|. Measured on these models: bf16 KV
 # 0.3-0.5%, int8 0.9-1.0%, int4 16-20% (int4 at head dim 32 is coarse; random weights at
 # scale 0.3 amplify every error ~4x, at 0.1 less so).
-TOL = {"bf16": 1e-2, "int8": 3e-2, "int4": 0.4}
+TOL = {"bf16": 1e-2, "int8": 3e-2, "int4": 0.4, "k8v4": 0.4}
 
 
 def _model(cfg, mask, seed=0):
@@ -241,11 +248,15 @@ def test_duo_model_logits_close_to_the_fp32_cache(cfg):
   params, prompts = _model(cfg, DUO), _prompts(cfg)
   base = forward_logits(params, cfg, prompts, DUO, chunk=8, dtype=jnp.float32)
   err = {}
-  for kv in ("bf16", "int8", "int4"):
+  for kv in ("bf16", "int8", "int4", "k8v4"):
     got = forward_logits(params, cfg, prompts, DUO, chunk=8, dtype=jnp.float32, kv_dtype=kv)
     err[kv] = max(np.abs(a - w).max() / np.abs(w).max() for a, w in zip(got, base))
     assert err[kv] <= TOL[kv], (kv, err)
   assert err["int8"] < err["int4"]  # more bits, closer (and not a check of zeros)
+  # int4 values cost k8v4 more than int8; on random weights (no outlier key channels) its
+  # int8 keys need not beat int4's: that gain is measured on real models
+  # (infer/kv_quant_error.py)
+  assert err["int8"] < err["k8v4"], err
   assert err["int4"] > 0
 
 
@@ -327,13 +338,13 @@ def test_infer_cli_kv_dtype(tiny_ckpt, capsys):
   from duojax import infer
   base = ["--ckpt", str(tiny_ckpt), "--prompt", "the", "--max-new-tokens", "3", "--json"]
   sizes = {}
-  for kv in ("bf16", "int8", "int4"):
+  for kv in ("bf16", "int8", "int4", "k8v4"):
     assert infer.main(base + ["--attention", "full", "--kv-dtype", kv]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["kv_dtype"] == kv and len(info["generated_ids"]) >= 1
     sizes[kv] = info["kv_cache_bytes"]
   # head dim 8 here: int8 codes + fp32 scale and zero (8 + 8 bytes) = bf16's 16 bytes
-  assert sizes["int4"] < sizes["int8"] <= sizes["bf16"], sizes
+  assert sizes["int4"] < sizes["k8v4"] < sizes["int8"] <= sizes["bf16"], sizes
   assert infer.main(base + ["--attention", "streaming", "--compensation", "--kv-dtype",
                             "int4"]) == 2
   assert "--kv-dtype bf16" in capsys.readouterr().err

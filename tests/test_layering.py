@@ -105,9 +105,9 @@ ROOMS = {
     "identify": {"attention", "cache", "checkpoint", "config", "data", "engine", "model",
                  "pattern", "serving", "sharding", "validate"},
     "eval": {"attention", "cache", "checkpoint", "config", "data", "engine", "identify",
-             "model", "pattern", "serving", "sharding", "validate"},
-    "infer": {"attention", "checkpoint", "config", "engine", "pattern", "serving", "sharding",
-              "validate"},
+             "kv_quant", "model", "pattern", "serving", "sharding", "validate"},
+    "infer": {"attention", "checkpoint", "config", "engine", "kv_quant", "pattern", "serving",
+              "sharding", "validate"},
     "convert": {"checkpoint", "config"},
 }
 

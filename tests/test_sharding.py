@@ -22,7 +22,7 @@ from duojax import sharding as sh
 from duojax.config import ModelConfig
 from duojax.model import llama
 from duojax.pattern import HeadMask
-from helpers import AGREED_AXES
+from helpers import AGREED_AXES, PACKED_AXES
 
 N_FAKE = 8
 _CHILD = "DUOJAX_FAKE_DEVICE_CHILD"
@@ -33,7 +33,7 @@ SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                       name="smollm2-135m")
 
 # The agreed logical names (tests/helpers.py), written out independently of sharding.py
-AGREED = {**AGREED_AXES, "gates": ("kv_heads",)}
+AGREED = {**AGREED_AXES, **PACKED_AXES, "gates": ("kv_heads",)}
 
 
 def run_on_fake_devices(test_file: str, n: int = N_FAKE, timeout: int = 600) -> None:

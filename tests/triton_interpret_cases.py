@@ -43,9 +43,16 @@ def rnd(shape):
   return jax.random.normal(jax.random.PRNGKey(next(_key)), shape, jnp.float32)
 
 
-def store(x, bits):
-  """x as a cache stores it: plain, or quantised with `bits`."""
-  return kv_quant.quantize(x, bits) if bits else x
+def store(x, bits, which=0):
+  """x as a cache stores it: plain, or quantised with `bits` (one number, or the (key,
+  value) pair of a mixed cache such as k8v4's (8, 4): `which` 0 keys, 1 values)."""
+  b = bits if isinstance(bits, int) else bits[which]
+  return kv_quant.quantize(x, b) if b else x
+
+
+def pair(k, v):
+  """The plans' bits argument: (key bits, value bits) as the buffers hold them."""
+  return (kv_bits(k), kv_bits(v))
 
 
 def tt(*xs):
@@ -68,9 +75,9 @@ def case_full_decode(bits, h, g, d):
   b, s = 3, 150
   lens = jnp.asarray([150, 1, 77], jnp.int32)
   q = rnd((b, 1, h, g, d))
-  k, v = store(rnd((b, s, h, d)), bits), store(rnd((b, s, h, d)), bits)
+  k, v = store(rnd((b, s, h, d)), bits), store(rnd((b, s, h, d)), bits, 1)
   q_pos = (lens - 1)[:, None]
-  split, comb = kd.full_decode_plans(q.shape, k.shape, jnp.float32, bits=kv_bits(k))
+  split, comb = kd.full_decode_plans(q.shape, k.shape, jnp.float32, bits=pair(k, v))
   op, mp, lp = split.torch(*tt(q), *parts(k), *parts(v), *tt(q_pos, lens))
   (out,) = comb.torch(op, mp, lp)
   return rel(out.numpy(), reference.full_chunk_attention(q, k, v, q_pos, lens))
@@ -79,10 +86,10 @@ def case_full_decode(bits, h, g, d):
 def _stream_inputs(bits, b, t, h, g, d, start):
   w = SINK + RECENT
   q = rnd((b, t, h, g, d))
-  slot_k, slot_v = store(rnd((b, w, h, d)), bits), store(rnd((b, w, h, d)), bits)
+  slot_k, slot_v = store(rnd((b, w, h, d)), bits), store(rnd((b, w, h, d)), bits, 1)
   from duojax.cache import stream_slot_positions  # the cache's own slot map (not the kernel's)
   pos, valid = stream_slot_positions(start, SINK, RECENT)
-  k, v = store(rnd((b, t, h, d)), bits), store(rnd((b, t, h, d)), bits)
+  k, v = store(rnd((b, t, h, d)), bits), store(rnd((b, t, h, d)), bits, 1)
   q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   return q, slot_k, slot_v, pos, valid, k, v, q_pos
 
@@ -91,7 +98,7 @@ def case_stream_decode(bits, h, g, d):
   start = jnp.asarray([0, 3, 40], jnp.int32)
   n_valid = jnp.asarray([1, 1, 0], jnp.int32)  # a row with no new token sees only its slots
   q, sk, sv, pos, valid, k, v, q_pos = _stream_inputs(bits, 3, 1, h, g, d, start)
-  plan = kd.stream_decode_plan(q.shape, sk.shape, jnp.float32, SINK, RECENT, bits=kv_bits(sk))
+  plan = kd.stream_decode_plan(q.shape, sk.shape, jnp.float32, SINK, RECENT, bits=pair(sk, sv))
   (out,) = plan.torch(*tt(q), *parts(sk), *parts(sv), *tt(kd.slot_positions(pos, valid)),
                       *parts(k), *parts(v), *tt(q_pos, n_valid))
   want = reference.streaming_chunk_attention(q, sk, sv, pos, valid, k, v, q_pos, n_valid, SINK,
@@ -112,9 +119,9 @@ def case_duo_decode(bits, hr, hs, g, d):
   rows = jnp.arange(b)
   kc = kc.at[rows, start].set(k_new[:, 0, :hr])  # the new token already in the cache
   vc = vc.at[rows, start].set(v_new[:, 0, :hr])
-  kc, vc, kn, vn = (store(x, bits) for x in (kc, vc, k_new, v_new))
+  kc, vc, kn, vn = (store(x, bits, i) for x, i in ((kc, 0), (vc, 1), (k_new, 0), (v_new, 1)))
   split, comb = kd.duo_decode_plans(q.shape, kc.shape, sk.shape, jnp.float32, SINK, RECENT,
-                                    bits=kv_bits(kc))
+                                    bits=pair(kc, vc))
   op, mp, lp = split.torch(*tt(q), *parts(kc), *parts(vc), *tt(q_pos, start + n_valid),
                            *parts(sk), *parts(sv), *tt(kd.slot_positions(pos, valid)),
                            *parts(kn), *parts(vn), *tt(n_valid))
@@ -132,10 +139,10 @@ def case_full_chunk(bits, h, g, d, partial=False):
   start = jnp.asarray([37, 0], jnp.int32)
   n_valid = jnp.asarray([5, 3], jnp.int32)
   q = rnd((b, t, h, g, d))
-  k, v = store(rnd((b, s, h, d)), bits), store(rnd((b, s, h, d)), bits)
+  k, v = store(rnd((b, s, h, d)), bits), store(rnd((b, s, h, d)), bits, 1)
   q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   kv_len = start + n_valid
-  plan = kp.full_chunk_plan(q.shape, k.shape, jnp.float32, partial=partial, bits=kv_bits(k))
+  plan = kp.full_chunk_plan(q.shape, k.shape, jnp.float32, partial=partial, bits=pair(k, v))
   res = plan.torch(*tt(q), *parts(k), *parts(v), *tt(q_pos, kv_len))
   want = np.asarray(reference.full_chunk_attention(q, k, v, q_pos, kv_len))
   if partial:  # acc / l is the output
@@ -152,7 +159,7 @@ def case_stream_chunk(bits, h, g, d):
   start = jnp.asarray([0, 31], jnp.int32)
   n_valid = jnp.asarray([20, 17], jnp.int32)
   q, sk, sv, pos, valid, k, v, q_pos = _stream_inputs(bits, b, t, h, g, d, start)
-  plan = kp.stream_chunk_plan(q.shape, sk.shape, jnp.float32, SINK, RECENT, bits=kv_bits(sk))
+  plan = kp.stream_chunk_plan(q.shape, sk.shape, jnp.float32, SINK, RECENT, bits=pair(sk, sv))
   (out,) = plan.torch(*tt(q), *parts(sk), *parts(sv), *tt(kd.slot_positions(pos, valid)),
                       *parts(k), *parts(v), *tt(q_pos, n_valid))
   want = np.asarray(reference.streaming_chunk_attention(q, sk, sv, pos, valid, k, v, q_pos,
@@ -175,6 +182,16 @@ def cases():
     out[f"duo_decode-b{bits}"] = lambda bits=bits: case_duo_decode(bits, 2, 1, 3, 32)
     out[f"stream_chunk-b{bits}"] = lambda bits=bits: case_stream_chunk(bits, 2, 2, 32)
   out["full_chunk_partial-b8"] = lambda: case_full_chunk(8, 2, 4, 64, partial=True)
+  # k8v4: int8 keys beside int4 values (their own strides); GQA, MHA with D 48, streaming
+  k8v4 = (8, 4)
+  for h, g, d in ((2, 4, 64), (3, 1, 48)):
+    out[f"full_decode-k8v4-h{h}g{g}d{d}"] = lambda h=h, g=g, d=d: case_full_decode(k8v4, h, g, d)
+    out[f"full_chunk-k8v4-h{h}g{g}d{d}"] = lambda h=h, g=g, d=d: case_full_chunk(k8v4, h, g, d)
+  out["stream_decode-k8v4"] = lambda: case_stream_decode(k8v4, 2, 3, 32)
+  out["duo_decode-k8v4"] = lambda: case_duo_decode(k8v4, 2, 1, 3, 32)
+  out["stream_chunk-k8v4"] = lambda: case_stream_chunk(k8v4, 2, 2, 32)
+  out["full_chunk_partial-k8v4"] = lambda: case_full_chunk(k8v4, 2, 4, 64, partial=True)
+  out["full_decode-fold-k8v4"] = lambda: with_fold(True, case_full_decode, k8v4, 2, 4, 64)
   # decode with the scales folded out of the products and without, whatever the default
   # (QUANT_DECODE_CONFIG) of each code width is
   for bits in (8, 4):

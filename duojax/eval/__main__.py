@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from duojax import kv_quant
 from duojax.checkpoint.hf import CheckpointError
 from duojax.config import ConfigError
 from duojax.engine import InputError
@@ -55,9 +56,10 @@ def _common(ap: argparse.ArgumentParser, lengths: str) -> None:
                   help="auto: bfloat16 on GPU/TPU, float32 on CPU")
   ap.add_argument("--backend", default="auto", help="attention backend: auto, xla, gpu, tpu")
   ap.add_argument("--prefill-chunk", type=int, default=1024)
-  ap.add_argument("--kv-dtype", default=None, choices=("bf16", "fp32", "int8", "int4"),
+  ap.add_argument("--kv-dtype", default=None, choices=kv_quant.KV_DTYPES,
                   help="KV cache storage: int8/int4 quantise per token per KV head (scale + "
-                       "zero, duojax.kv_quant); default: the compute dtype")
+                       "zero, duojax.kv_quant); k8v4: int8 keys, int4 values; default: the "
+                       "compute dtype")
   ap.add_argument("--weights-dtype", default="bf16", choices=("bf16", "int8"),
                   help="bf16: the weights as loaded (in --dtype); int8: weight-only int8 "
                        "projections through qwix (duojax/model/quant.py), quantised per "
@@ -121,7 +123,7 @@ def check_args(a) -> None:
   validate.at_least("--samples", a.samples, 1)
   for flag in ("max_new_tokens", "batch_size", "keys"):
     validate.at_least("--" + flag.replace("_", "-"), getattr(a, flag, None), 1)
-  quantised_kv = a.kv_dtype in ("int8", "int4")
+  quantised_kv = kv_quant.kv_bits_of(a.kv_dtype) is not None
   comp = [m for m in a.attention.split(",") if m.strip().endswith("+comp")]
   if quantised_kv and comp:
     raise validate.ArgumentError(f"{comp[0]}: the compensation token is built for "

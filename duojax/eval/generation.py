@@ -44,7 +44,7 @@ class GenSettings:
   # Streaming heads keep the compensation token: it changes the cache's structure,
   # so it keys the compile like the shapes do (run_grid sets it per method).
   compensation: bool = False
-  kv_dtype: str | None = None  # the cache's storage (kvc.init_cache): None, bf16, int8, int4
+  kv_dtype: str | None = None  # the cache's storage (kvc.init_cache): None, bf16, int8, int4, k8v4
   # The weights each method runs (model.handle.prepare_params): bf16 (as loaded) or int8. It keys
   # the compiled programs too: int8 weights are QArrays, another argument structure.
   weights_dtype: str = "bf16"

@@ -65,7 +65,10 @@ def load_eval_model(ckpt: str | None, pattern: str | None = None, dtype: str | N
     raise ValueError(f"--weights-dtype {weights_dtype!r}: choose one of "
                      f"{', '.join(WEIGHT_DTYPES)}")
   dt = resolve_dtype(dtype)
-  m = load_model(ckpt, "full", dtype=getattr(jnp, dt), progress=progress, mesh=mesh)
+  # unpacked: the evaluation runs from the params dict (each method prepares its own copy),
+  # and a packed model's `.params` would be an unpacked copy beside it
+  m = load_model(ckpt, "full", dtype=getattr(jnp, dt), progress=progress, mesh=mesh,
+                 pack=False)
   pat, src = resolve_pattern(m.ckpt, ckpt, pattern)
   return EvalModel(m.config, m.params, m.tokenizer, m.ckpt, ckpt, pat, src, dt, weights_dtype)
 

@@ -6,7 +6,9 @@ from duojax.model.llama import (
     Params, apply_head_mask, forward_chunk, init_params, logits_from_hidden, param_shapes,
     reorder_heads, to_params, undo_head_mask)
 from duojax.model.modules import AXES, Gate, HeadSplit, Llama
+from duojax.model.pack import pack_params, unpack_params
 
 __all__ = ["AXES", "Gate", "HeadSplit", "Llama", "ModelHandle", "Params", "apply_head_mask",
            "as_handle", "forward_chunk", "from_params", "init_params", "logits_from_hidden",
-           "param_shapes", "reorder_heads", "split", "to_params", "undo_head_mask"]
+           "pack_params", "param_shapes", "reorder_heads", "split", "to_params", "undo_head_mask",
+           "unpack_params"]

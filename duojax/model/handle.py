@@ -19,6 +19,7 @@ from flax import nnx
 
 from duojax.config import ModelConfig
 from duojax.model import modules as M
+from duojax.model import pack as _pack
 from duojax.model import quant
 
 
@@ -63,8 +64,14 @@ class ModelHandle:
 
   @property
   def params(self) -> dict:
-    """The plain params dict in served order (retrieval heads first under `mask`)."""
+    """The plain params dict in served order (retrieval heads first under `mask`), in the
+    unpacked layout even when the handle serves packed weights (then this copies them)."""
     return to_params_dict(self)
+
+  @property
+  def packed(self) -> bool:
+    """Whether the weights are served packed (model/pack.py: wqkv, w_gate_up)."""
+    return "w_gate_up" in self.state["layers"][0]["mlp"]
 
   def replace(self, state: dict) -> "ModelHandle":
     return dataclasses.replace(self, state=state)
@@ -86,63 +93,76 @@ def _graph_of(gd, mask) -> _Graph:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_graph(config: ModelConfig, mask, splits) -> _Graph:
+def _cached_graph(config: ModelConfig, mask, splits, packed: bool = False) -> _Graph:
   from duojax.model.llama import init_params
-  abstract = nnx.eval_shape(lambda: M.Llama(config, init_params(config, jax.random.PRNGKey(0)),
-                                            mask, splits))
-  return _graph_of(nnx.split(abstract)[0], mask)
+
+  def build():
+    params = init_params(config, jax.random.PRNGKey(0))
+    return M.Llama(config, _pack.pack_params(params) if packed else params, mask, splits)
+  return _graph_of(nnx.split(nnx.eval_shape(build))[0], mask)
 
 
 def _layer_state(lp: dict) -> dict:
   return {"attn_norm": lp["attn_norm"], "mlp_norm": lp["mlp_norm"],
           "attn": {n: lp[n] for n in M.ATTN_NAMES if n in lp},
-          "mlp": {n: lp[n] for n in M.MLP_NAMES}}
+          "mlp": {n: lp[n] for n in M.MLP_NAMES if n in lp}}
 
 
-def prepare_params(params: dict, mask=None, weights_dtype: str = "bf16") -> dict:
+def prepare_params(params: dict, mask=None, weights_dtype: str = "bf16",
+                   pack: bool = False) -> dict:
   """The plain params dict as a model serves it for `mask`: the heads reordered (retrieval
-  heads first; None: as stored), then, for weights_dtype "int8", the projections quantised
-  (model/quant.py). In that order: a QArray's per-channel scales would otherwise need
-  reordering with its values."""
+  heads first; None: as stored), then, with `pack`, q/k/v and gate/up packed (model/pack.py),
+  then, for weights_dtype "int8", the projections quantised (model/quant.py). The reorder
+  comes first: a QArray's per-channel scales would otherwise need reordering with its
+  values. Packing before quantising gives the same scales as after (they are per output
+  channel), and params packed already stay as they are."""
   if mask is not None:
     from duojax.model.llama import apply_head_mask
     params = apply_head_mask(params, mask)
+  if pack:
+    params = _pack.pack_params(params)
   return quant.quantize_params(params, weights_dtype)
 
 
 def from_params(config: ModelConfig, params: dict, mask=None, *, reordered: bool = False,
-                splits=None, weights_dtype: str = "bf16") -> ModelHandle:
+                splits=None, weights_dtype: str = "bf16", pack: bool = False) -> ModelHandle:
   """A handle from the plain params dict (per-layer list); see `Llama.from_params`.
 
-  The graphdef is built once per (config, pattern) and the state is the dict's
+  The graphdef is built once per (config, pattern, packing) and the state is the dict's
   arrays re-nested, so this is cheap enough to run per `generate` call.
   weights_dtype: "int8" quantises the projections (model/quant.py) after the
   heads are reordered (a QArray's scales would otherwise need reordering too).
+  pack: serve q/k/v and gate/up packed (model/pack.py: fewer, larger products per
+  decode step); params that arrive packed (or int8 and packed) are served so either way.
   """
-  params = prepare_params(params, None if reordered else mask, weights_dtype)
+  params = prepare_params(params, None if reordered else mask, weights_dtype, pack)
   if isinstance(params.get("layers"), dict):
     raise ValueError("a handle serves per-layer params; unstack them (a list of layer dicts)")
   splits = M.splits_for(config, mask) if splits is None else tuple(splits)
+  forms = {_pack.layer_form(lp, f"layer {i}") for i, lp in enumerate(params["layers"])}
   cheap = ("lm_head" in params) != config.tie_word_embeddings and all(
       set(lp) == set(M.check_layer_weights(lp, config, f"layer {i}"))
       for i, lp in enumerate(params["layers"])) and len(params["layers"]) == config.num_layers
-  if not cheap:  # let the module constructor name what is wrong
+  # the cached graphdef holds one layout for all layers; layers packed differently (not
+  # what prepare_params makes) get their own from the module
+  if not cheap or len(forms) != 1:  # let the module constructor name what is wrong
     return split(M.Llama(config, params, mask, splits))
   state = {"embedding": {"embed": params["embed"]}, "final_norm": params["final_norm"],
            "layers": {i: _layer_state(lp) for i, lp in enumerate(params["layers"])}}
   if "lm_head" in params:
     state["lm_head"] = params["lm_head"]
-  return ModelHandle(_cached_graph(config, mask, splits), state)
+  return ModelHandle(_cached_graph(config, mask, splits, forms == {"packed"}), state)
 
 
 def to_params_dict(h: ModelHandle) -> dict:
-  """The handle's weights as the plain params dict, in served (reordered) order."""
+  """The handle's weights as the plain params dict, in served (reordered) order and the
+  unpacked layout (model/pack.py), whatever layout the handle serves."""
   st = h.state
   layers = []
   for i in range(len(st["layers"])):
     ls = st["layers"][i]
-    layers.append({"attn_norm": ls["attn_norm"], **ls["attn"], "mlp_norm": ls["mlp_norm"],
-                   **ls["mlp"]})
+    layers.append(_pack.unpack_layer({"attn_norm": ls["attn_norm"], **ls["attn"],
+                                      "mlp_norm": ls["mlp_norm"], **ls["mlp"]}))
   out = {"embed": st["embedding"]["embed"], "final_norm": st["final_norm"], "layers": layers}
   if "lm_head" in st:
     out["lm_head"] = st["lm_head"]

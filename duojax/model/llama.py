@@ -8,6 +8,8 @@ Params (plain dicts, so orbax stores them as they are):
     q_norm, k_norm [D] (only with qk_norm: Qwen3; shared by all heads, so head
     reordering leaves them alone)
     mlp_norm [E]; w_gate, w_up [E, F]; w_down [F, E]
+A served model may hold q/k/v and gate/up packed (duojax/model/pack.py); the dict this
+module documents, and `to_params` returns, is always the unpacked one.
 Query heads are grouped by KV head (HF's head h -> KV head h // G, slot h % G),
 so reordering KV heads for DuoAttention permutes one axis of every tensor.
 
@@ -33,19 +35,26 @@ from duojax.model.ops import apply_rope, mlp, qkv, rms_norm, rope_inv_freq  # no
 Params = dict
 
 
+def _top(params) -> dict:
+  """embed and lm_head of the dict or a ModelHandle (read from its state: `.params` would
+  rebuild, and for packed weights copy, every layer)."""
+  if isinstance(params, _handle.ModelHandle):
+    st = params.state
+    return {"embed": st["embedding"]["embed"], **({"lm_head": st["lm_head"]}
+                                                   if "lm_head" in st else {})}
+  return params
+
+
 def embed(params, tokens: jax.Array) -> jax.Array:
   """tokens [B, T] -> [B, T, E]; params: the dict or a ModelHandle."""
-  if isinstance(params, _handle.ModelHandle):
-    params = params.params
-  return jnp.take(params["embed"], tokens, axis=0)
+  return jnp.take(_top(params)["embed"], tokens, axis=0)
 
 
 def logits_from_hidden(params, hidden: jax.Array) -> jax.Array:
   """hidden [..., E] (after the final norm) -> fp32 logits [..., V]."""
-  if isinstance(params, _handle.ModelHandle):
-    params = params.params
   from duojax.model.ops import lm_logits
-  return lm_logits(hidden, params.get("lm_head"), params["embed"])
+  top = _top(params)
+  return lm_logits(hidden, top.get("lm_head"), top["embed"])
 
 
 def forward_chunk(params, config: ModelConfig, tokens: jax.Array, cache: KVCache,
@@ -76,7 +85,8 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: f
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-_HEAD_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 0, "bq": 0, "bk": 0, "bv": 0}
+# the KV-head axis of each weight (packed ones too: model/pack.py keeps it in place)
+_HEAD_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 0, "bq": 0, "bk": 0, "bv": 0, "wqkv": 1, "bqkv": 0}
 
 
 def reorder_heads(params: Params, orders) -> Params:

@@ -17,6 +17,9 @@ Tree of a model (matching the plain params dict of duojax/model/llama.py):
             bq [Hkv, G, D], bk, bv [Hkv, D] (Qwen2), q_norm, k_norm [D] (Qwen3),
             gate [Hkv] (a `Gate`, only when built for gate training)
       mlp: w_gate, w_up [E, F]; w_down [F, E]
+    served packed (model/pack.py; handle.prepare_params(pack=True)): attn wqkv
+    [E, Hkv, G+2, D] (bqkv [Hkv, G+2, D]) for wq/wk/wv (bq/bk/bv), mlp w_gate_up
+    [E, 2, F] for w_gate/w_up; `to_params` unpacks again
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ from duojax.attention import dispatch
 from duojax import layout
 from duojax.config import ModelConfig
 from duojax.model import ops
+from duojax.model import pack as _pack
 
 # Logical axis names per weight (duojax/layout.py: the one table, which the sharding rules
 # and checkpoint restores read too).
 AXES: dict[str, tuple[str, ...]] = {**layout.TOP_AXES, **layout.LAYER_AXES, "gate": layout.GATE_AXES}
 LAYERS_AXIS = layout.LAYERS_AXIS
-ATTN_NAMES = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "q_norm", "k_norm")
-MLP_NAMES = ("w_gate", "w_up", "w_down")
+ATTN_NAMES = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "q_norm", "k_norm", "wqkv", "bqkv")
+MLP_NAMES = ("w_gate", "w_up", "w_down", "w_gate_up")  # an MLP holds w_gate/w_up or w_gate_up
 BLOCK_NAMES = ("attn_norm", "mlp_norm")
 
 
@@ -134,12 +138,15 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
   def __init__(self, weights: dict, stacked: bool = False):
-    for n in MLP_NAMES:
-      setattr(self, n, _param(weights[n], n, stacked))
+    for n in MLP_NAMES:  # unpacked or packed: the absent names stay None (static)
+      setattr(self, n, _param(weights[n], n, stacked) if n in weights else None)
+
+  def weights(self) -> dict:
+    return {n: getattr(self, n)[...] for n in MLP_NAMES if getattr(self, n) is not None}
 
   def __call__(self, h: jax.Array) -> jax.Array:
     """h [B, T, E] (normalised) -> [B, T, E]."""
-    return ops.swiglu({n: getattr(self, n)[...] for n in MLP_NAMES}, h)
+    return ops.swiglu(self.weights(), h)
 
 
 class Block(nnx.Module):
@@ -172,15 +179,28 @@ class Block(nnx.Module):
     return self.finish(x, attend(q, k, v))
 
 
-def check_layer_weights(lp: dict, config: ModelConfig, where: str) -> dict:
-  want = set(BLOCK_NAMES + MLP_NAMES + ("wq", "wk", "wv", "wo"))
+def layer_weight_names(config: ModelConfig, packed: bool = False) -> set[str]:
+  """The names one layer's weights have for `config`, unpacked or packed (model/pack.py)."""
+  want = set(BLOCK_NAMES + ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
   if config.attention_bias:
     want |= {"bq", "bk", "bv"}
   if config.qk_norm:
     want |= {"q_norm", "k_norm"}
+  if packed:
+    for name, parts in _pack.GROUPS.items():
+      if parts[0] in want:
+        want = (want - set(parts)) | {name}
+  return want
+
+
+def check_layer_weights(lp: dict, config: ModelConfig, where: str) -> dict:
+  """lp as it is when it holds exactly the unpacked or exactly the packed set of names."""
+  packed = _pack.layer_form(lp, where) == "packed"  # refuses a mix of the two layouts
+  want = layer_weight_names(config, packed)
   if set(lp) != want:
     raise ValueError(f"{where} has weights {sorted(lp)} but the config wants {sorted(want)} "
-                     "(attention_bias / qk_norm); convert the checkpoint again with this config")
+                     f"(attention_bias / qk_norm{'; packed' if packed else ''}); convert the "
+                     "checkpoint again with this config")
   return lp
 
 
@@ -227,12 +247,15 @@ class Llama(nnx.Module):
 
   @classmethod
   def from_params(cls, config: ModelConfig, params: dict, mask=None, *, reordered: bool = False,
-                  gates: jax.Array | None = None) -> "Llama":
+                  gates: jax.Array | None = None, pack: bool = False) -> "Llama":
     """A model from the plain params dict (HF head order unless `reordered`: then the
-    weights already have each layer's retrieval heads first, as `apply_head_mask` leaves them)."""
+    weights already have each layer's retrieval heads first, as `apply_head_mask` leaves them).
+    pack: serve q/k/v and gate/up packed (model/pack.py), after the reorder."""
     if mask is not None and not reordered:
       from duojax.model.llama import apply_head_mask
       params = apply_head_mask(params, mask)
+    if pack:
+      params = _pack.pack_params(params)
     return cls(config, params, mask, gates=gates)
 
   @classmethod
@@ -243,12 +266,13 @@ class Llama(nnx.Module):
     return cls(config, init_params(config, key, dtype, scale), mask)
 
   def to_params(self, reordered: bool = False) -> dict:
-    """The plain params dict (HF head order unless `reordered`); gates are left out."""
-    def layer(b: Block) -> dict:
+    """The plain params dict (HF head order unless `reordered`), unpacked however the
+    model serves its weights (model/pack.py); gates are left out."""
+    def layer(b: Block) -> dict:  # unpacked: what every reader of the params dict expects
       d = {n: getattr(b, n)[...] for n in BLOCK_NAMES}
       d.update(b.attn.weights())
-      d.update({n: getattr(b.mlp, n)[...] for n in MLP_NAMES})
-      return d
+      d.update(b.mlp.weights())
+      return _pack.unpack_layer(d)
     out = {"embed": self.embedding.embed[...], "final_norm": self.final_norm[...],
            "layers": layer(self.layers) if self.stacked else [layer(b) for b in self.layers]}
     if self.lm_head is not None:

@@ -2,7 +2,8 @@
 
 A layer's weights `lp` is any mapping with the names of the params layout (see
 duojax/model/llama.py): a per-layer dict of the exchange format, or the dict an
-`Attention` / `MLP` module hands out.
+`Attention` / `MLP` module hands out; q/k/v and gate/up may be packed for serving
+(duojax/model/pack.py).
 """
 
 from __future__ import annotations
@@ -58,13 +59,27 @@ def apply_rope(x: jax.Array, pos: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-def qkv(lp, h: jax.Array, config: ModelConfig, pos: jax.Array):
-  """h [B, T, E] -> q [B, T, Hkv, G, D], k, v [B, T, Hkv, D] with RoPE applied."""
+def _project_qkv(lp, h: jax.Array, config: ModelConfig):
+  """h [B, T, E] -> q [B, T, Hkv, G, D], k, v [B, T, Hkv, D], biases added."""
+  if "wqkv" in lp:  # packed (model/pack.py): one product reads q, k and v at once
+    # s: a KV head's G + 2 slots (its query heads, then its key, then its value)
+    x = quant.einsum("bte,ehsd->bthsd", h, lp["wqkv"])
+    if config.attention_bias:
+      x = x + lp["bqkv"]
+    g = config.group_size
+    return x[..., :g, :], x[..., g, :], x[..., g + 1, :]
   q = quant.einsum("bte,ehgd->bthgd", h, lp["wq"])
   k = quant.einsum("bte,ehd->bthd", h, lp["wk"])
   v = quant.einsum("bte,ehd->bthd", h, lp["wv"])
   if config.attention_bias:
     q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+  return q, k, v
+
+
+def qkv(lp, h: jax.Array, config: ModelConfig, pos: jax.Array):
+  """h [B, T, E] -> q [B, T, Hkv, G, D], k, v [B, T, Hkv, D] with RoPE applied.
+  lp holds wq/wk/wv (bq/bk/bv) or their packed wqkv (bqkv)."""
+  q, k, v = _project_qkv(lp, h, config)
   if config.qk_norm:  # Qwen3 normalises each head's q and k over D, before RoPE
     q = rms_norm(q, lp["q_norm"], config.rms_norm_eps)
     k = rms_norm(k, lp["k_norm"], config.rms_norm_eps)
@@ -78,9 +93,14 @@ def out_proj(o: jax.Array, wo: jax.Array) -> jax.Array:
 
 
 def swiglu(lp, h: jax.Array) -> jax.Array:
-  """h [B, T, E] (already normalised) -> [B, T, E]."""
-  g = quant.einsum("bte,ef->btf", h, lp["w_gate"])
-  u = quant.einsum("bte,ef->btf", h, lp["w_up"])
+  """h [B, T, E] (already normalised) -> [B, T, E]; lp holds w_gate and w_up or their
+  packed w_gate_up, and w_down."""
+  if "w_gate_up" in lp:  # packed (model/pack.py): one product reads both
+    gu = quant.einsum("bte,esf->btsf", h, lp["w_gate_up"])  # s: gate, up
+    g, u = gu[..., 0, :], gu[..., 1, :]
+  else:
+    g = quant.einsum("bte,ef->btf", h, lp["w_gate"])
+    u = quant.einsum("bte,ef->btf", h, lp["w_up"])
   return quant.einsum("btf,fe->bte", jax.nn.silu(g) * u, lp["w_down"])
 
 

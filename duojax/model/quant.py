@@ -41,6 +41,9 @@ CONTRACTED = {
     "wq": ("embed",), "wk": ("embed",), "wv": ("embed",),
     "wo": ("kv_heads", "q_group", "head_dim"),
     "w_gate": ("embed",), "w_up": ("embed",), "w_down": ("mlp",),
+    # packed for serving (model/pack.py): a scale per (kv_head, slot, d) and per (gate/up,
+    # f), the same values the unpacked weights' per-channel scales take
+    "wqkv": ("embed",), "w_gate_up": ("embed",),
     "lm_head": ("embed",)}
 
 

@@ -168,12 +168,14 @@ def _load_nibbles(p, sp, zp, n, nmask, SROW: tl.constexpr, SSROW: tl.constexpr,
 @triton.jit
 def _scan_nibbles(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
                   SKS: tl.constexpr, SVS: tl.constexpr, SSS: tl.constexpr, BD: tl.constexpr,
-                  BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr,
-                  STREAM: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr):
-  """`_scan` over an int4 cache whose head dim is a power of two (BD == D): q and the
-  accumulator are kept as their two halves, matching the nibbles, so a tile's products
-  are q_lo k_lo^T + q_hi k_hi^T and p v_lo | p v_hi: the same work as one product over D,
-  half the loads, no nibble select."""
+                  KBITS: tl.constexpr, BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr,
+                  IEEE: tl.constexpr, STREAM: tl.constexpr, SINK: tl.constexpr,
+                  RECENT: tl.constexpr):
+  """`_scan` over int4 values whose head dim is a power of two (BD == D): the accumulator
+  is kept as its two halves, matching the nibbles, so a tile's value product is p v_lo |
+  p v_hi: the same work as one product over D, half the loads, no nibble select. Keys
+  int4 too (KBITS 4): q is split alike and the logits are q_lo k_lo^T + q_hi k_hi^T; int8
+  keys (KBITS 8, k8v4) take one product over D."""
   GP: tl.constexpr = q.shape[0]
   HD: tl.constexpr = BD // 2
   q_lo, q_hi = _halves(q, GP, BD)
@@ -183,14 +185,21 @@ def _scan_nibbles(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i
   offs_n = tl.arange(0, BLOCK_N)
   for start in range(lo, hi, BLOCK_N):
     vis = _visible(start + offs_n, hi, pos_ptr, qpos, STREAM, SINK, RECENT)
-    k_lo, k_hi = _load_nibbles(kp, ksp, kzp, offs_n, vis, SKS, SSS, HD)
-    k_lo = k_lo.to(q.dtype)
-    k_hi = k_hi.to(q.dtype)
-    if IEEE:
-      s = (tl.dot(q_lo, tl.trans(k_lo), input_precision="ieee")
-           + tl.dot(q_hi, tl.trans(k_hi), input_precision="ieee"))
+    if KBITS == 4:
+      k_lo, k_hi = _load_nibbles(kp, ksp, kzp, offs_n, vis, SKS, SSS, HD)
+      k_lo = k_lo.to(q.dtype)
+      k_hi = k_hi.to(q.dtype)
+      if IEEE:
+        s = (tl.dot(q_lo, tl.trans(k_lo), input_precision="ieee")
+             + tl.dot(q_hi, tl.trans(k_hi), input_precision="ieee"))
+      else:
+        s = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
     else:
-      s = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
+      k = load_kv(kp, ksp, kzp, offs_n, vis, SKS, SSS, BD, BD, KBITS).to(q.dtype)
+      if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+      else:
+        s = tl.dot(q, tl.trans(k))
     m_new, alpha, p, l_i = _online_softmax(s, vis, m_i, l_i, QK_SCALE)
     v_lo, v_hi = _load_nibbles(vp, vsp, vzp, offs_n, vis, SVS, SSS, HD)
     pv = p.to(q.dtype)
@@ -217,11 +226,12 @@ def _scan_nibbles(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i
 @triton.jit
 def _scan(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
           SKS: tl.constexpr, SVS: tl.constexpr, SSS: tl.constexpr, D: tl.constexpr,
-          BD: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr,
-          IEEE: tl.constexpr, STREAM: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
-          FOLD: tl.constexpr = False):
+          BD: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_N: tl.constexpr,
+          QK_SCALE: tl.constexpr, IEEE: tl.constexpr, STREAM: tl.constexpr,
+          SINK: tl.constexpr, RECENT: tl.constexpr, FOLD: tl.constexpr = False):
   """Online softmax of q [GP, BD] over keys [lo, hi) at kp / vp (pointing at key lo;
-  ksp ... vzp their scales and zeros when BITS > 0, row stride SSS).
+  ksp ... vzp their scales and zeros when quantised, row stride SSS). KBITS / VBITS: the
+  keys' and the values' bits (0 plain, 8, 4; k8v4 caches mix 8 and 4; 0 goes with 0).
 
   STREAM: key n sits at position pos_ptr[n] and is visible under the streaming
   mask; otherwise every key in [lo, hi) is visible (the caller bounded hi by the
@@ -231,12 +241,12 @@ def _scan(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
   FOLD the scales and zeros move out of them instead, so the codes are only converted:
   q . (c s + z) = s (q . c) + z sum(q) per key, and p @ (c s + z) = (p s) @ c + p . z
   (codes are exact in bf16): measured faster for int8 (QUANT_DECODE_CONFIG), slower for
-  int4. int4 with a power-of-two head dim takes `_scan_nibbles` (unless FOLD).
+  int4. int4 values with a power-of-two head dim take `_scan_nibbles` (unless FOLD).
   """
-  if BITS == 4 and BD == D and D >= 32 and not FOLD:
+  if VBITS == 4 and KBITS > 0 and BD == D and D >= 32 and not FOLD:
     m_i, l_i, acc = _scan_nibbles(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i,
-                                  l_i, acc, SKS, SVS, SSS, BD, BLOCK_N, QK_SCALE, IEEE, STREAM,
-                                  SINK, RECENT)
+                                  l_i, acc, SKS, SVS, SSS, BD, KBITS, BLOCK_N, QK_SCALE, IEEE,
+                                  STREAM, SINK, RECENT)
   else:
     offs_n = tl.arange(0, BLOCK_N)
     if FOLD:
@@ -244,11 +254,11 @@ def _scan(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
     for start in range(lo, hi, BLOCK_N):
       vis = _visible(start + offs_n, hi, pos_ptr, qpos, STREAM, SINK, RECENT)
       if FOLD:
-        k = load_codes(kp, offs_n, vis, SKS, D, BD, BITS).to(q.dtype)
-        v = load_codes(vp, offs_n, vis, SVS, D, BD, BITS).to(q.dtype)
+        k = load_codes(kp, offs_n, vis, SKS, D, BD, KBITS).to(q.dtype)
+        v = load_codes(vp, offs_n, vis, SVS, D, BD, VBITS).to(q.dtype)
       else:
-        k = load_kv(kp, ksp, kzp, offs_n, vis, SKS, SSS, D, BD, BITS).to(q.dtype)
-        v = load_kv(vp, vsp, vzp, offs_n, vis, SVS, SSS, D, BD, BITS).to(q.dtype)
+        k = load_kv(kp, ksp, kzp, offs_n, vis, SKS, SSS, D, BD, KBITS).to(q.dtype)
+        v = load_kv(vp, vsp, vzp, offs_n, vis, SVS, SSS, D, BD, VBITS).to(q.dtype)
       if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
       else:
@@ -281,14 +291,15 @@ def _scan(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
 
 @triton.jit
 def _add_new_token(q, kn_ptr, kns, knz, vn_ptr, vns, vnz, nval, qpos, m_i, l_i, acc,
-                   D: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr,
-                   QK_SCALE: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr):
+                   D: tl.constexpr, BD: tl.constexpr, KBITS: tl.constexpr,
+                   VBITS: tl.constexpr, QK_SCALE: tl.constexpr, SINK: tl.constexpr,
+                   RECENT: tl.constexpr):
   """Folds the row's new token (position qpos, distance 0) into (m, l, acc): visible
   when the row is real and the window admits distance 0 or qpos is a sink position.
   A quantised new token (kns ... vnz its scales and zeros) is read as the cache holds it."""
   new_vis = (nval > 0) & ((RECENT > 0) | (qpos < SINK))
-  kn = _load_row(kn_ptr, kns, knz, D, BD, BITS).to(q.dtype)
-  vn = _load_row(vn_ptr, vns, vnz, D, BD, BITS).to(q.dtype)
+  kn = _load_row(kn_ptr, kns, knz, D, BD, KBITS).to(q.dtype)
+  vn = _load_row(vn_ptr, vns, vnz, D, BD, VBITS).to(q.dtype)
   s_n = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * QK_SCALE
   s_n = tl.where(new_vis, s_n, float("-inf"))
   m_new = tl.maximum(m_i, s_n)
@@ -340,26 +351,29 @@ def _split_range(QPOS, KVLEN, b, split, NS: tl.constexpr, BLOCK_N: tl.constexpr)
 def _full_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, OP, MP, LP,
                         SQB: tl.constexpr, SQH: tl.constexpr, SQG: tl.constexpr,
                         SKB: tl.constexpr, SKS: tl.constexpr, SKH: tl.constexpr,
+                        SVB: tl.constexpr, SVS: tl.constexpr, SVH: tl.constexpr,
                         SCB: tl.constexpr, SCS: tl.constexpr, SCH: tl.constexpr,
                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                        BD: tl.constexpr, BITS: tl.constexpr, NS: tl.constexpr,
-                        BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr,
-                        FOLD: tl.constexpr):
-  """K / V: plain values, or (BITS > 0) codes with per-row scales and zeros KS, KZ, VS,
-  VZ (strides SC*; for a plain cache they repeat K / V and are never read)."""
+                        BD: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+                        NS: tl.constexpr, BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr,
+                        IEEE: tl.constexpr, FOLD: tl.constexpr):
+  """K / V: plain values, or (KBITS / VBITS > 0) codes with per-row scales and zeros KS, KZ,
+  VS, VZ (strides SC*; for a plain cache they repeat K / V and are never read). V's strides
+  SV* differ from K's when their bits do (k8v4)."""
   split = tl.program_id(0)
   h = tl.program_id(1)
   b = tl.program_id(2)
   lo, hi = _split_range(QPOS, KVLEN, b, split, NS, BLOCK_N)
   q = _load_q(Q, b, h, SQB, SQH, SQG, G, GP, D, BD)
   off = b.to(tl.int64) * SKB + h * SKH + lo.to(tl.int64) * SKS
+  voff = b.to(tl.int64) * SVB + h * SVH + lo.to(tl.int64) * SVS
   soff = b.to(tl.int64) * SCB + h * SCH + lo.to(tl.int64) * SCS
   m_i = tl.full([GP], float("-inf"), tl.float32)
   l_i = tl.zeros([GP], tl.float32)
   acc = tl.zeros([GP, BD], tl.float32)
-  m_i, l_i, acc = _scan(q, K + off, KS + soff, KZ + soff, V + off, VS + soff, VZ + soff, lo, hi,
-                        QPOS, 0, m_i, l_i, acc, SKS, SKS, SCS, D, BD, BITS, BLOCK_N, QK_SCALE,
-                        IEEE, False, 0, 0, FOLD)
+  m_i, l_i, acc = _scan(q, K + off, KS + soff, KZ + soff, V + voff, VS + soff, VZ + soff, lo,
+                        hi, QPOS, 0, m_i, l_i, acc, SKS, SVS, SCS, D, BD, KBITS, VBITS, BLOCK_N,
+                        QK_SCALE, IEEE, False, 0, 0, FOLD)
   _store_partial(OP, MP, LP, ((b * H + h) * NS + split) * G, m_i, l_i, acc, G, GP, D, BD)
 
 
@@ -368,13 +382,17 @@ def _duo_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SK, SKS_, SKZ, SV, 
                        KN, KNS, KNZ, VN, VNS, VNZ, NVALID, OP, MP, LP,
                        SQB: tl.constexpr, SQH: tl.constexpr, SQG: tl.constexpr,
                        SKB: tl.constexpr, SKS: tl.constexpr, SKH: tl.constexpr,
+                       SVB: tl.constexpr, SVS: tl.constexpr, SVH: tl.constexpr,
                        SCB: tl.constexpr, SCS: tl.constexpr, SCH: tl.constexpr,
                        SSB: tl.constexpr, SSW: tl.constexpr, SSH: tl.constexpr,
+                       SSVB: tl.constexpr, SSVW: tl.constexpr, SSVH: tl.constexpr,
                        SSCB: tl.constexpr, SSCW: tl.constexpr, SSCH: tl.constexpr,
-                       SNB: tl.constexpr, SNH: tl.constexpr, SNCB: tl.constexpr,
+                       SNB: tl.constexpr, SNH: tl.constexpr, SNVB: tl.constexpr,
+                       SNVH: tl.constexpr, SNCB: tl.constexpr,
                        SNCH: tl.constexpr, HR: tl.constexpr, HS: tl.constexpr, W: tl.constexpr,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                       BITS: tl.constexpr, NS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       KBITS: tl.constexpr, VBITS: tl.constexpr, NS: tl.constexpr,
+                       BLOCK_N: tl.constexpr,
                        SBLOCK_N: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
                        QK_SCALE: tl.constexpr, IEEE: tl.constexpr,
                        FOLD: tl.constexpr):
@@ -394,10 +412,11 @@ def _duo_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SK, SKS_, SKZ, SV, 
     lo, hi = _split_range(QPOS, KVLEN, b, split, NS, BLOCK_N)
     q = _load_q(Q, b, h, SQB, SQH, SQG, G, GP, D, BD)
     off = b.to(tl.int64) * SKB + h * SKH + lo.to(tl.int64) * SKS
+    voff = b.to(tl.int64) * SVB + h * SVH + lo.to(tl.int64) * SVS
     soff = b.to(tl.int64) * SCB + h * SCH + lo.to(tl.int64) * SCS
-    m_i, l_i, acc = _scan(q, K + off, KS + soff, KZ + soff, V + off, VS + soff, VZ + soff, lo,
-                          hi, QPOS, 0, m_i, l_i, acc, SKS, SKS, SCS, D, BD, BITS, BLOCK_N,
-                          QK_SCALE, IEEE, False, 0, 0, FOLD)
+    m_i, l_i, acc = _scan(q, K + off, KS + soff, KZ + soff, V + voff, VS + soff, VZ + soff, lo,
+                          hi, QPOS, 0, m_i, l_i, acc, SKS, SVS, SCS, D, BD, KBITS, VBITS,
+                          BLOCK_N, QK_SCALE, IEEE, False, 0, 0, FOLD)
     _store_partial(OP, MP, LP, ((b * (HR + HS) + h) * NS + split) * G, m_i, l_i, acc, G, GP, D,
                    BD)
   else:
@@ -406,15 +425,18 @@ def _duo_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SK, SKS_, SKZ, SV, 
     qpos = tl.load(QPOS + b)
     q = _load_q(Q, b, h, SQB, SQH, SQG, G, GP, D, BD)
     off = b.to(tl.int64) * SSB + hs * SSH
+    voff = b.to(tl.int64) * SSVB + hs * SSVH
     soff = b.to(tl.int64) * SSCB + hs * SSCH
-    m_i, l_i, acc = _scan(q, SK + off, SKS_ + soff, SKZ + soff, SV + off, SVS_ + soff,
-                          SVZ + soff, 0, W, SPOS + b * W, qpos, m_i, l_i, acc, SSW, SSW, SSCW,
-                          D, BD, BITS, SBLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT, FOLD)
+    m_i, l_i, acc = _scan(q, SK + off, SKS_ + soff, SKZ + soff, SV + voff, SVS_ + soff,
+                          SVZ + soff, 0, W, SPOS + b * W, qpos, m_i, l_i, acc, SSW, SSVW, SSCW,
+                          D, BD, KBITS, VBITS, SBLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT,
+                          FOLD)
     nb = b.to(tl.int64) * SNB + h * SNH
+    nvb = b.to(tl.int64) * SNVB + h * SNVH
     ns = b.to(tl.int64) * SNCB + h * SNCH
-    m_i, l_i, acc = _add_new_token(q, KN + nb, KNS + ns, KNZ + ns, VN + nb, VNS + ns, VNZ + ns,
-                                   tl.load(NVALID + b), qpos, m_i, l_i, acc, D, BD, BITS,
-                                   QK_SCALE, SINK, RECENT)
+    m_i, l_i, acc = _add_new_token(q, KN + nb, KNS + ns, KNZ + ns, VN + nvb, VNS + ns, VNZ + ns,
+                                   tl.load(NVALID + b), qpos, m_i, l_i, acc, D, BD, KBITS,
+                                   VBITS, QK_SCALE, SINK, RECENT)
     _store_partial(OP, MP, LP, ((b * (HR + HS) + h) * NS) * G, m_i, l_i, acc, G, GP, D, BD)
 
 
@@ -452,11 +474,14 @@ def _stream_decode_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, KN, KNS, KNZ, V
                           QPOS, NVALID, OUT,
                           SQB: tl.constexpr, SQH: tl.constexpr, SQG: tl.constexpr,
                           SSB: tl.constexpr, SSW: tl.constexpr, SSH: tl.constexpr,
+                          SSVB: tl.constexpr, SSVW: tl.constexpr, SSVH: tl.constexpr,
                           SSCB: tl.constexpr, SSCW: tl.constexpr, SSCH: tl.constexpr,
-                          SNB: tl.constexpr, SNH: tl.constexpr, SNCB: tl.constexpr,
+                          SNB: tl.constexpr, SNH: tl.constexpr, SNVB: tl.constexpr,
+                          SNVH: tl.constexpr, SNCB: tl.constexpr,
                           SNCH: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
                           GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                          BITS: tl.constexpr, BLOCK_N: tl.constexpr, SINK: tl.constexpr,
+                          KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SINK: tl.constexpr,
                           RECENT: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr,
                           FOLD: tl.constexpr):
   h = tl.program_id(0)
@@ -467,15 +492,17 @@ def _stream_decode_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, KN, KNS, KNZ, V
   l_i = tl.zeros([GP], tl.float32)
   acc = tl.zeros([GP, BD], tl.float32)
   off = b.to(tl.int64) * SSB + h * SSH
+  voff = b.to(tl.int64) * SSVB + h * SSVH
   soff = b.to(tl.int64) * SSCB + h * SSCH
-  m_i, l_i, acc = _scan(q, SK + off, SKS_ + soff, SKZ + soff, SV + off, SVS_ + soff, SVZ + soff,
-                        0, W, SPOS + b * W, qpos, m_i, l_i, acc, SSW, SSW, SSCW, D, BD, BITS,
-                        BLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT, FOLD)
+  m_i, l_i, acc = _scan(q, SK + off, SKS_ + soff, SKZ + soff, SV + voff, SVS_ + soff, SVZ + soff,
+                        0, W, SPOS + b * W, qpos, m_i, l_i, acc, SSW, SSVW, SSCW, D, BD, KBITS,
+                        VBITS, BLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT, FOLD)
   nb = b.to(tl.int64) * SNB + h * SNH
+  nvb = b.to(tl.int64) * SNVB + h * SNVH
   ns = b.to(tl.int64) * SNCB + h * SNCH
-  m_i, l_i, acc = _add_new_token(q, KN + nb, KNS + ns, KNZ + ns, VN + nb, VNS + ns, VNZ + ns,
-                                 tl.load(NVALID + b), qpos, m_i, l_i, acc, D, BD, BITS, QK_SCALE,
-                                 SINK, RECENT)
+  m_i, l_i, acc = _add_new_token(q, KN + nb, KNS + ns, KNZ + ns, VN + nvb, VNS + ns, VNZ + ns,
+                                 tl.load(NVALID + b), qpos, m_i, l_i, acc, D, BD, KBITS, VBITS,
+                                 QK_SCALE, SINK, RECENT)
   out = acc / tl.maximum(l_i, 1e-30)[:, None]
   offs_g = tl.arange(0, GP)
   offs_d = tl.arange(0, BD)
@@ -485,17 +512,28 @@ def _stream_decode_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, KN, KNS, KNZ, V
 
 # -- launch plans (static shapes only) ------------------------------------------------
 
-def decode_config(bits: int, cfg=None) -> dict:
-  """The split-K kernel's tuning for a cache of `bits` (0: plain): `cfg` when given, else
-  DECODE_CONFIG with the quantised overrides of QUANT_DECODE_CONFIG."""
+def bit_pair(bits) -> tuple[int, int]:
+  """(key bits, value bits) from one number (both alike) or a pair (k8v4: (8, 4))."""
+  kb, vb = (bits, bits) if isinstance(bits, int) else (int(bits[0]), int(bits[1]))
+  if (kb == 0) != (vb == 0):
+    raise ValueError(f"keys and values are both plain or both quantised, not {kb} and {vb} bits")
+  return kb, vb
+
+
+def decode_config(bits, cfg=None) -> dict:
+  """The split-K kernel's tuning for a cache of `bits` (0: plain; a (key, value) pair for
+  k8v4): `cfg` when given, else DECODE_CONFIG with the quantised overrides of
+  QUANT_DECODE_CONFIG, those of the narrower buffer for a mixed cache (its tiles cost the
+  most to convert)."""
   if cfg is not None:
     return cfg
-  return {**DECODE_CONFIG, **QUANT_DECODE_CONFIG.get(bits, {})} if bits else DECODE_CONFIG
+  kb, vb = bit_pair(bits)
+  return {**DECODE_CONFIG, **QUANT_DECODE_CONFIG.get(min(kb, vb), {})} if kb else DECODE_CONFIG
 
 
-def _fold(bits: int, cfg) -> bool:
+def _fold(bits, cfg) -> bool:
   """Fold the scales out of the products (see `_scan`): only for a quantised cache."""
-  return bool(bits) and bool(cfg.get("fold_scales", False))
+  return bool(bit_pair(bits)[0]) and bool(cfg.get("fold_scales", False))
 
 
 def n_splits(b: int, h: int, s: int, cfg=None) -> int:
@@ -504,23 +542,27 @@ def n_splits(b: int, h: int, s: int, cfg=None) -> int:
   return max(1, min(ns, cfg["max_splits"], cdiv(s, cfg["block_n"])))
 
 
-def full_decode_plans(q_shape, k_shape, dtype, cfg=None, bits: int = 0):
-  """q [B, 1, H, G, D]; k, v [B, S, H, D] (logical shape; bits 8 / 4: quantised, given
-  as codes, scales, zeros) -> (split launch, combine launch). dtype: the compute dtype."""
+def full_decode_plans(q_shape, k_shape, dtype, cfg=None, bits=0):
+  """q [B, 1, H, G, D]; k, v [B, S, H, D] (logical shape; bits 8 / 4, or a (key, value)
+  pair: quantised, given as codes, scales, zeros) -> (split launch, combine launch).
+  dtype: the compute dtype."""
   cfg = decode_config(bits, cfg)
+  kb, vb = bit_pair(bits)
   b, t, h, g, d = q_shape
   s = k_shape[1]
   assert t == 1
   ns = n_splits(b, h, s, cfg)
   gp, bd = max(16, next_pow2(g)), max(16, next_pow2(d))
   sq = strides(q_shape)
-  sk, sc = kv_strides(k_shape, bits)
+  sk, sc = kv_strides(k_shape, kb)
+  sv, _ = kv_strides(k_shape, vb)
   ieee = dtype_name(dtype) == "float32"
   split = Launch(
       _full_decode_kernel, (ns, h, b),
       (((b, h, ns, g, d), "float32"), ((b, h, ns, g), "float32"), ((b, h, ns, g), "float32")),
-      dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], SCB=sc[0],
-           SCS=sc[1], SCH=sc[2], H=h, G=g, GP=gp, D=d, BD=bd, BITS=bits, NS=ns,
+      dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], SVB=sv[0],
+           SVS=sv[1], SVH=sv[2], SCB=sc[0], SCS=sc[1], SCH=sc[2], H=h, G=g, GP=gp, D=d, BD=bd,
+           KBITS=kb, VBITS=vb, NS=ns,
            BLOCK_N=cfg["block_n"], QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=ieee,
            FOLD=_fold(bits, cfg)),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -538,11 +580,12 @@ def _combine_plan(q_shape, dtype, n_retrieval, ns):
 
 
 def duo_decode_plans(q_shape, k_shape, slot_shape, dtype, sink, recent, cfg=None, scfg=None,
-                     bits: int = 0):
+                     bits=0):
   """q [B, 1, Hr + Hs, G, D]; k, v [B, S, Hr, D]; slot k/v [B, W, Hs, D]; new k/v
-  [B, 1, Hr + Hs, D] (logical shapes; bits 8 / 4: all of them quantised) -> (fused split
-  launch, combine launch)."""
+  [B, 1, Hr + Hs, D] (logical shapes; bits 8 / 4 or a (key, value) pair: all of them
+  quantised) -> (fused split launch, combine launch)."""
   cfg = decode_config(bits, cfg)
+  kb, vb = bit_pair(bits)
   scfg = scfg or STREAM_DECODE_CONFIG
   b, t, h, g, d = q_shape
   s, hr = k_shape[1], k_shape[2]
@@ -550,15 +593,18 @@ def duo_decode_plans(q_shape, k_shape, slot_shape, dtype, sink, recent, cfg=None
   assert t == 1 and hr + hs == h and hr > 0 and hs > 0, (q_shape, k_shape, slot_shape)
   ns = n_splits(b, hr, s, cfg)
   sq = strides(q_shape)
-  (sk, sc), (ss, ssc), (sn, snc) = (kv_strides(x, bits) for x in (k_shape, slot_shape,
-                                                                  (b, 1, h, d)))
+  (sk, sc), (ss, ssc), (sn, snc) = (kv_strides(x, kb) for x in (k_shape, slot_shape,
+                                                                (b, 1, h, d)))
+  sv, ssv, snv = (kv_strides(x, vb)[0] for x in (k_shape, slot_shape, (b, 1, h, d)))
   split = Launch(
       _duo_decode_kernel, (ns * hr + hs, b),
       (((b, h, ns, g, d), "float32"), ((b, h, ns, g), "float32"), ((b, h, ns, g), "float32")),
-      dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], SCB=sc[0],
-           SCS=sc[1], SCH=sc[2], SSB=ss[0], SSW=ss[1], SSH=ss[2], SSCB=ssc[0], SSCW=ssc[1],
-           SSCH=ssc[2], SNB=sn[0], SNH=sn[2], SNCB=snc[0], SNCH=snc[2], HR=hr, HS=hs, W=w,
-           G=g, GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)), BITS=bits, NS=ns,
+      dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2], SVB=sv[0],
+           SVS=sv[1], SVH=sv[2], SCB=sc[0], SCS=sc[1], SCH=sc[2], SSB=ss[0], SSW=ss[1],
+           SSH=ss[2], SSVB=ssv[0], SSVW=ssv[1], SSVH=ssv[2], SSCB=ssc[0], SSCW=ssc[1],
+           SSCH=ssc[2], SNB=sn[0], SNH=sn[2], SNVB=snv[0], SNVH=snv[2], SNCB=snc[0],
+           SNCH=snc[2], HR=hr, HS=hs, W=w, G=g, GP=max(16, next_pow2(g)), D=d,
+           BD=max(16, next_pow2(d)), KBITS=kb, VBITS=vb, NS=ns,
            BLOCK_N=cfg["block_n"], SBLOCK_N=scfg["block_n"], SINK=int(sink), RECENT=int(recent),
            QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32",
            FOLD=_fold(bits, cfg)),
@@ -566,18 +612,22 @@ def duo_decode_plans(q_shape, k_shape, slot_shape, dtype, sink, recent, cfg=None
   return split, _combine_plan(q_shape, dtype, hr, ns)
 
 
-def stream_decode_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None, bits: int = 0):
-  """q [B, 1, H, G, D]; slot k/v [B, W, H, D]; new k/v [B, 1, H, D] (logical shapes)."""
+def stream_decode_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None, bits=0):
+  """q [B, 1, H, G, D]; slot k/v [B, W, H, D]; new k/v [B, 1, H, D] (logical shapes; bits
+  as for `full_decode_plans`)."""
   cfg = cfg or STREAM_DECODE_CONFIG
+  kb, vb = bit_pair(bits)
   b, t, h, g, d = q_shape
   w = slot_shape[1]
   sq = strides(q_shape)
-  (ss, ssc), (sn, snc) = (kv_strides(x, bits) for x in (slot_shape, (b, 1, h, d)))
+  (ss, ssc), (sn, snc) = (kv_strides(x, kb) for x in (slot_shape, (b, 1, h, d)))
+  ssv, snv = (kv_strides(x, vb)[0] for x in (slot_shape, (b, 1, h, d)))
   return Launch(
       _stream_decode_kernel, (h, b), ((tuple(q_shape), dtype_name(dtype)),),
-      dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SSB=ss[0], SSW=ss[1], SSH=ss[2], SSCB=ssc[0],
-           SSCW=ssc[1], SSCH=ssc[2], SNB=sn[0], SNH=sn[2], SNCB=snc[0], SNCH=snc[2], W=w, G=g,
-           GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)), BITS=bits,
+      dict(SQB=sq[0], SQH=sq[2], SQG=sq[3], SSB=ss[0], SSW=ss[1], SSH=ss[2], SSVB=ssv[0],
+           SSVW=ssv[1], SSVH=ssv[2], SSCB=ssc[0], SSCW=ssc[1], SSCH=ssc[2], SNB=sn[0],
+           SNH=sn[2], SNVB=snv[0], SNVH=snv[2], SNCB=snc[0], SNCH=snc[2], W=w, G=g,
+           GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)), KBITS=kb, VBITS=vb,
            BLOCK_N=cfg["block_n"], SINK=int(sink), RECENT=int(recent),
            QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32",
            FOLD=_fold(bits, decode_config(bits))),
@@ -604,7 +654,8 @@ def full_decode(q, k_cache, v_cache, q_pos, kv_len, *, return_partial: bool = Fa
   (the row sees no key: m = -inf, l = 0)."""
   import jax.numpy as jnp
   dt = compute_dtype(q, k_cache)
-  split, combine = full_decode_plans(q.shape, k_cache.shape, dt, bits=kv_bits(k_cache))
+  split, combine = full_decode_plans(q.shape, k_cache.shape, dt,
+                                     bits=(kv_bits(k_cache), kv_bits(v_cache)))
   op, mp, lp = split.jax(q.astype(dt), *kv_parts(k_cache, dt), *kv_parts(v_cache, dt),
                          q_pos.astype(jnp.int32), kv_len.astype(jnp.int32))
   if return_partial:
@@ -648,7 +699,8 @@ def streaming_decode(q, slot_k, slot_v, slot_pos, slot_valid, k, v, q_pos, n_val
   the new k, v both plain or both quantised)."""
   import jax.numpy as jnp
   dt = compute_dtype(q, slot_k)
-  plan = stream_decode_plan(q.shape, slot_k.shape, dt, sink, recent, bits=kv_bits(slot_k))
+  plan = stream_decode_plan(q.shape, slot_k.shape, dt, sink, recent,
+                            bits=(kv_bits(slot_k), kv_bits(slot_v)))
   (out,) = plan.jax(q.astype(dt), *kv_parts(slot_k, dt), *kv_parts(slot_v, dt),
                     slot_positions(slot_pos, slot_valid), *kv_parts(k, dt), *kv_parts(v, dt),
                     q_pos.astype(jnp.int32), n_valid.astype(jnp.int32))
@@ -664,12 +716,13 @@ def duo_decode(q, k_cache, v_cache, q_pos, kv_len, slot_k, slot_v, slot_pos, slo
   [B, 1, Hr + Hs, D] the new token's keys/values (the streaming heads' are read
   from here); q_pos [B, 1]; kv_len, n_valid [B]. Returns [B, 1, Hr + Hs, G, D]:
   the concatenation of `full_decode` on the leading Hr heads and
-  `streaming_decode` on the rest. Quantised: every buffer (and k, v) quantised alike.
+  `streaming_decode` on the rest. Quantised: every key buffer (and k) with one number of
+  bits, every value buffer (and v) with one (k8v4: 8 and 4).
   """
   import jax.numpy as jnp
   dt = compute_dtype(q, k_cache)
   split, combine = duo_decode_plans(q.shape, k_cache.shape, slot_k.shape, dt, sink, recent,
-                                    bits=kv_bits(k_cache))
+                                    bits=(kv_bits(k_cache), kv_bits(v_cache)))
   op, mp, lp = split.jax(q.astype(dt), *kv_parts(k_cache, dt), *kv_parts(v_cache, dt),
                          q_pos.astype(jnp.int32), kv_len.astype(jnp.int32),
                          *kv_parts(slot_k, dt), *kv_parts(slot_v, dt),

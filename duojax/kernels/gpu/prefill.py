@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from duojax.kernels.gpu import tokamax_chunk
-from duojax.kernels.gpu.decode import LOG2E, load_kv, compute_dtype, slot_positions
+from duojax.kernels.gpu.decode import LOG2E, bit_pair, load_kv, compute_dtype, slot_positions
 from duojax.kernels.gpu.launch import (Launch, cdiv, dtype_name, kv_bits, kv_parts, kv_strides,
                                        next_pow2, strides)
 
@@ -40,13 +40,15 @@ STREAM_CHUNK_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stage
 
 @triton.jit
 def _attend_block(acc, m_i, l_i, q, kp, ksp, kzp, vp, vsp, vzp, n, kmask, vis, SKS: tl.constexpr,
-                  SSS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr,
-                  QK_SCALE: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr):
+                  SVS: tl.constexpr, SSS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                  KBITS: tl.constexpr, VBITS: tl.constexpr, QK_SCALE: tl.constexpr,
+                  IEEE: tl.constexpr, MASKED: tl.constexpr):
   """One key block: online-softmax update of (acc, m_i, l_i). kp/vp point at the
-  block's first key (ksp ... vzp at its scales and zeros when quantised: BITS > 0, row
-  stride SSS); n [BLOCK_N] its in-block offsets; kmask [BLOCK_N] keys that exist; vis
-  [BLOCK_M, BLOCK_N] the visibility mask (only used when MASKED)."""
-  k = load_kv(kp, ksp, kzp, n, kmask, SKS, SSS, D, BD, BITS).to(q.dtype)
+  block's first key (row strides SKS / SVS; ksp ... vzp at its scales and zeros when
+  quantised: KBITS / VBITS > 0, row stride SSS); n [BLOCK_N] its in-block offsets; kmask
+  [BLOCK_N] keys that exist; vis [BLOCK_M, BLOCK_N] the visibility mask (only used when
+  MASKED)."""
+  k = load_kv(kp, ksp, kzp, n, kmask, SKS, SSS, D, BD, KBITS).to(q.dtype)
   if IEEE:
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * QK_SCALE
   else:
@@ -60,7 +62,7 @@ def _attend_block(acc, m_i, l_i, q, kp, ksp, kzp, vp, vsp, vzp, n, kmask, vis, S
   alpha = tl.exp2(m_i - m_new)
   p = tl.exp2(s - m_new[:, None])
   l_i = l_i * alpha + tl.sum(p, 1)
-  v = load_kv(vp, vsp, vzp, n, kmask, SKS, SSS, D, BD, BITS).to(q.dtype)
+  v = load_kv(vp, vsp, vzp, n, kmask, SVS, SSS, D, BD, VBITS).to(q.dtype)
   if IEEE:
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
   else:
@@ -89,13 +91,16 @@ def _q_tile(Q, pid_m, h, b, SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.conste
 def _full_chunk_tile(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN,
                      SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
                      SQG: tl.constexpr, SKB: tl.constexpr, SKS: tl.constexpr,
-                     SKH: tl.constexpr, SCB: tl.constexpr, SCS: tl.constexpr,
+                     SKH: tl.constexpr, SVB: tl.constexpr, SVS: tl.constexpr,
+                     SVH: tl.constexpr, SCB: tl.constexpr, SCS: tl.constexpr,
                      SCH: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                     BD: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+                     BD: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr,
+                     IEEE: tl.constexpr):
   """Program (m, h, b)'s tile over its visible keys: (acc, m_i, l_i) unnormalised (base 2;
   m_i = 0 where a row saw nothing, l_i = 0 there), with the tile's qoff and rmask.
-  K / V plain, or codes with scales and zeros KS ... VZ (BITS > 0, strides SC*)."""
+  K / V plain, or codes with scales and zeros KS ... VZ (KBITS / VBITS > 0, strides SC*;
+  V's own strides SV*: a k8v4 cache's values are int4 beside int8 keys)."""
   h = tl.program_id(1)
   b = tl.program_id(2)
   q, tok, rmask, qoff = _q_tile(Q, tl.program_id(0), h, b, SQB, SQT, SQH, SQG, T, G, D, BD,
@@ -111,28 +116,31 @@ def _full_chunk_tile(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN,
   free = (free // BLOCK_N) * BLOCK_N
 
   off = b.to(tl.int64) * SKB + h * SKH
+  voff = b.to(tl.int64) * SVB + h * SVH
   soff = b.to(tl.int64) * SCB + h * SCH
   m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
   l_i = tl.zeros([BLOCK_M], tl.float32)
   acc = tl.zeros([BLOCK_M, BD], tl.float32)
   all_keys = offs_n >= 0
-  kp, ksp, kzp, vp, vsp, vzp = K + off, KS + soff, KZ + soff, V + off, VS + soff, VZ + soff
+  kp, ksp, kzp, vp, vsp, vzp = K + off, KS + soff, KZ + soff, V + voff, VS + soff, VZ + soff
   for start in range(0, free, BLOCK_N):
     acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kp, ksp, kzp, vp, vsp, vzp, offs_n, all_keys,
-                                  all_keys[None, :], SKS, SCS, D, BD, BITS, QK_SCALE, IEEE, False)
-    kp, vp = kp + BLOCK_N * SKS, vp + BLOCK_N * SKS
+                                  all_keys[None, :], SKS, SVS, SCS, D, BD, KBITS, VBITS,
+                                  QK_SCALE, IEEE, False)
+    kp, vp = kp + BLOCK_N * SKS, vp + BLOCK_N * SVS
     ksp, kzp, vsp, vzp = (ksp + BLOCK_N * SCS, kzp + BLOCK_N * SCS, vsp + BLOCK_N * SCS,
                           vzp + BLOCK_N * SCS)
   off += free.to(tl.int64) * SKS
+  voff += free.to(tl.int64) * SVS
   soff += free.to(tl.int64) * SCS
-  kp, ksp, kzp, vp, vsp, vzp = K + off, KS + soff, KZ + soff, V + off, VS + soff, VZ + soff
+  kp, ksp, kzp, vp, vsp, vzp = K + off, KS + soff, KZ + soff, V + voff, VS + soff, VZ + soff
   for start in range(free, hi, BLOCK_N):
     j = start + offs_n
     kmask = j < hi
     vis = (j[None, :] <= qpos[:, None]) & (j[None, :] < kvl)
     acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kp, ksp, kzp, vp, vsp, vzp, offs_n, kmask,
-                                  vis, SKS, SCS, D, BD, BITS, QK_SCALE, IEEE, True)
-    kp, vp = kp + BLOCK_N * SKS, vp + BLOCK_N * SKS
+                                  vis, SKS, SVS, SCS, D, BD, KBITS, VBITS, QK_SCALE, IEEE, True)
+    kp, vp = kp + BLOCK_N * SKS, vp + BLOCK_N * SVS
     ksp, kzp, vsp, vzp = (ksp + BLOCK_N * SCS, kzp + BLOCK_N * SCS, vsp + BLOCK_N * SCS,
                           vzp + BLOCK_N * SCS)
   return acc, m_i, l_i, qoff, rmask
@@ -142,13 +150,16 @@ def _full_chunk_tile(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN,
 def _full_chunk_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, OUT,
                        SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
                        SQG: tl.constexpr, SKB: tl.constexpr, SKS: tl.constexpr,
-                       SKH: tl.constexpr, SCB: tl.constexpr, SCS: tl.constexpr,
+                       SKH: tl.constexpr, SVB: tl.constexpr, SVS: tl.constexpr,
+                       SVH: tl.constexpr, SCB: tl.constexpr, SCS: tl.constexpr,
                        SCH: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                       BD: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+                       BD: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr,
+                       IEEE: tl.constexpr):
   acc, m_i, l_i, qoff, rmask = _full_chunk_tile(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SQB, SQT,
-                                                SQH, SQG, SKB, SKS, SKH, SCB, SCS, SCH, T, G, D,
-                                                BD, BITS, BLOCK_M, BLOCK_N, QK_SCALE, IEEE)
+                                                SQH, SQG, SKB, SKS, SKH, SVB, SVS, SVH, SCB, SCS,
+                                                SCH, T, G, D, BD, KBITS, VBITS, BLOCK_M, BLOCK_N,
+                                                QK_SCALE, IEEE)
   offs_d = tl.arange(0, BD)
   out = acc / tl.maximum(l_i, 1e-30)[:, None]
   tl.store(OUT + qoff[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
@@ -159,16 +170,18 @@ def _full_chunk_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, OUT,
 def _full_chunk_partial_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, ACC, M, L,
                                SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
                                SQG: tl.constexpr, SKB: tl.constexpr, SKS: tl.constexpr,
-                               SKH: tl.constexpr, SCB: tl.constexpr, SCS: tl.constexpr,
+                               SKH: tl.constexpr, SVB: tl.constexpr, SVS: tl.constexpr,
+                               SVH: tl.constexpr, SCB: tl.constexpr, SCS: tl.constexpr,
                                SCH: tl.constexpr, T: tl.constexpr, G: tl.constexpr,
-                               D: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               D: tl.constexpr, BD: tl.constexpr, KBITS: tl.constexpr,
+                               VBITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
   """The same tile, stored unnormalised: ACC [B, T, H, G, D] (q's layout, so q's offsets),
   M / L [B, T, H, G] fp32 (offset qoff // SQG: q is contiguous, SQG = D)."""
   acc, m_i, l_i, qoff, rmask = _full_chunk_tile(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SQB, SQT,
-                                                SQH, SQG, SKB, SKS, SKH, SCB, SCS, SCH, T, G, D,
-                                                BD, BITS, BLOCK_M, BLOCK_N, QK_SCALE, IEEE)
+                                                SQH, SQG, SKB, SKS, SKH, SVB, SVS, SVH, SCB, SCS,
+                                                SCH, T, G, D, BD, KBITS, VBITS, BLOCK_M, BLOCK_N,
+                                                QK_SCALE, IEEE)
   offs_d = tl.arange(0, BD)
   tl.store(ACC + qoff[:, None] + offs_d[None, :], acc, mask=rmask[:, None] & (offs_d[None, :] < D))
   tl.store(M + qoff // SQG, m_i, mask=rmask)
@@ -180,15 +193,19 @@ def _stream_chunk_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, K, KS, KZ, V, VS
                          NVALID, OUT,
                          SQB: tl.constexpr, SQT: tl.constexpr, SQH: tl.constexpr,
                          SQG: tl.constexpr, SSB: tl.constexpr, SSW: tl.constexpr,
-                         SSH: tl.constexpr, SSCB: tl.constexpr, SSCW: tl.constexpr,
+                         SSH: tl.constexpr, SSVB: tl.constexpr, SSVW: tl.constexpr,
+                         SSVH: tl.constexpr, SSCB: tl.constexpr, SSCW: tl.constexpr,
                          SSCH: tl.constexpr, SKB: tl.constexpr, SKT: tl.constexpr,
-                         SKH: tl.constexpr, SCB: tl.constexpr, SCT: tl.constexpr,
+                         SKH: tl.constexpr, SVB: tl.constexpr, SVT: tl.constexpr,
+                         SVH: tl.constexpr, SCB: tl.constexpr, SCT: tl.constexpr,
                          SCH: tl.constexpr, W: tl.constexpr, T: tl.constexpr, G: tl.constexpr,
-                         D: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINK: tl.constexpr,
-                         RECENT: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
-  """Slots SK / SV and the chunk's K / V: plain, or (BITS > 0) codes with their scales and
-  zeros (the chunk then read as the cache will hold it)."""
+                         D: tl.constexpr, BD: tl.constexpr, KBITS: tl.constexpr,
+                         VBITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         SINK: tl.constexpr, RECENT: tl.constexpr, QK_SCALE: tl.constexpr,
+                         IEEE: tl.constexpr):
+  """Slots SK / SV and the chunk's K / V: plain, or (KBITS / VBITS > 0) codes with their
+  scales and zeros (the chunk then read as the cache will hold it); values have their own
+  strides (SSV*, SV*)."""
   h = tl.program_id(1)
   b = tl.program_id(2)
   q, tok, rmask, qoff = _q_tile(Q, tl.program_id(0), h, b, SQB, SQT, SQH, SQG, T, G, D, BD,
@@ -206,19 +223,21 @@ def _stream_chunk_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, K, KS, KZ, V, VS
 
   # 1) the sink + ring slots (their positions precede the chunk)
   so, sso = b.to(tl.int64) * SSB + h * SSH, b.to(tl.int64) * SSCB + h * SSCH
+  svo = b.to(tl.int64) * SSVB + h * SSVH
   for start in range(0, W, BLOCK_N):
     j = start + offs_n
     kmask = j < W
     kpos = tl.load(SPOS + b * W + j, mask=kmask, other=1 << 30)
     dist = qpos[:, None] - kpos[None, :]
     vis = (dist >= 0) & ((kpos[None, :] < SINK) | (dist < RECENT)) & kmask[None, :]
-    o, sc = so + start * SSW, sso + start * SSCW
-    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, SK + o, SKS_ + sc, SKZ + sc, SV + o,
-                                  SVS_ + sc, SVZ + sc, offs_n, kmask, vis, SSW, SSCW, D, BD, BITS,
-                                  QK_SCALE, IEEE, True)
+    o, vo, sc = so + start * SSW, svo + start * SSVW, sso + start * SSCW
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, SK + o, SKS_ + sc, SKZ + sc, SV + vo,
+                                  SVS_ + sc, SVZ + sc, offs_n, kmask, vis, SSW, SSVW, SSCW, D, BD,
+                                  KBITS, VBITS, QK_SCALE, IEEE, True)
 
   # 2) the chunk's own keys: blocks holding sink positions, then the window band
   co, cso = b.to(tl.int64) * SKB + h * SKH, b.to(tl.int64) * SCB + h * SCH
+  cvo = b.to(tl.int64) * SVB + h * SVH
   q_hi = tl.max(tl.where(rmask, qpos, -(1 << 30)), 0)
   q_lo = tl.min(tl.where(rmask, qpos, 1 << 30), 0)
   c_hi = tl.minimum(tl.minimum(q_hi - start_pos + 1, nval), T)  # chunk index bound
@@ -232,20 +251,20 @@ def _stream_chunk_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, K, KS, KZ, V, VS
     kpos = start_pos + j
     dist = qpos[:, None] - kpos[None, :]
     vis = (dist >= 0) & ((kpos[None, :] < SINK) | (dist < RECENT)) & kmask[None, :]
-    o, sc = co + start * SKT, cso + start * SCT
-    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, K + o, KS + sc, KZ + sc, V + o, VS + sc,
-                                  VZ + sc, offs_n, kmask, vis, SKT, SCT, D, BD, BITS, QK_SCALE,
-                                  IEEE, True)
+    o, vo, sc = co + start * SKT, cvo + start * SVT, cso + start * SCT
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, K + o, KS + sc, KZ + sc, V + vo, VS + sc,
+                                  VZ + sc, offs_n, kmask, vis, SKT, SVT, SCT, D, BD, KBITS,
+                                  VBITS, QK_SCALE, IEEE, True)
   for start in range(band_lo, c_hi, BLOCK_N):
     j = start + offs_n
     kmask = j < c_hi
     kpos = start_pos + j
     dist = qpos[:, None] - kpos[None, :]
     vis = (dist >= 0) & ((kpos[None, :] < SINK) | (dist < RECENT)) & kmask[None, :]
-    o, sc = co + start * SKT, cso + start * SCT
-    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, K + o, KS + sc, KZ + sc, V + o, VS + sc,
-                                  VZ + sc, offs_n, kmask, vis, SKT, SCT, D, BD, BITS, QK_SCALE,
-                                  IEEE, True)
+    o, vo, sc = co + start * SKT, cvo + start * SVT, cso + start * SCT
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, K + o, KS + sc, KZ + sc, V + vo, VS + sc,
+                                  VZ + sc, offs_n, kmask, vis, SKT, SVT, SCT, D, BD, KBITS,
+                                  VBITS, QK_SCALE, IEEE, True)
   out = acc / tl.maximum(l_i, 1e-30)[:, None]
   tl.store(OUT + qoff[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
            mask=rmask[:, None] & dmask[None, :])
@@ -257,15 +276,17 @@ def _block_m(g: int, cfg) -> int:
   return max(cfg["block_m"], next_pow2(g), 16)
 
 
-def full_chunk_plan(q_shape, k_shape, dtype, cfg=None, partial: bool = False, bits: int = 0):
-  """q [B, T, H, G, D]; k/v cache [B, S, H, D] (logical shape; bits 8 / 4: quantised).
-  partial: the kernel that stores the unnormalised (acc [B, T, H, G, D], m, l
-  [B, T, H, G]) in fp32 instead of the output."""
+def full_chunk_plan(q_shape, k_shape, dtype, cfg=None, partial: bool = False, bits=0):
+  """q [B, T, H, G, D]; k/v cache [B, S, H, D] (logical shape; bits 8 / 4 or a (key,
+  value) pair such as k8v4's (8, 4): quantised). partial: the kernel that stores the
+  unnormalised (acc [B, T, H, G, D], m, l [B, T, H, G]) in fp32 instead of the output."""
   cfg = cfg or FULL_CHUNK_CONFIG
+  kb, vb = bit_pair(bits)
   b, t, h, g, d = q_shape
   bm = _block_m(g, cfg)
   sq = strides(q_shape)
-  sk, sc = kv_strides(k_shape, bits)
+  sk, sc = kv_strides(k_shape, kb)
+  sv, _ = kv_strides(k_shape, vb)
   outs = ((tuple(q_shape), dtype_name(dtype)),)
   if partial:
     outs = ((tuple(q_shape), "float32"), (tuple(q_shape[:4]), "float32"),
@@ -274,25 +295,31 @@ def full_chunk_plan(q_shape, k_shape, dtype, cfg=None, partial: bool = False, bi
       _full_chunk_partial_kernel if partial else _full_chunk_kernel, (cdiv(t, bm // g), h, b),
       outs,
       dict(SQB=sq[0], SQT=sq[1], SQH=sq[2], SQG=sq[3], SKB=sk[0], SKS=sk[1], SKH=sk[2],
-           SCB=sc[0], SCS=sc[1], SCH=sc[2], T=t, G=g, D=d, BD=max(16, next_pow2(d)), BITS=bits,
+           SVB=sv[0], SVS=sv[1], SVH=sv[2], SCB=sc[0], SCS=sc[1], SCH=sc[2], T=t, G=g, D=d,
+           BD=max(16, next_pow2(d)), KBITS=kb, VBITS=vb,
            BLOCK_M=bm, BLOCK_N=cfg["block_n"], QK_SCALE=float(LOG2E / math.sqrt(d)),
            IEEE=dtype_name(dtype) == "float32"),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def stream_chunk_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None, bits: int = 0):
-  """q [B, T, H, G, D]; slot k/v [B, W, H, D]; chunk k/v [B, T, H, D] (logical shapes)."""
+def stream_chunk_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None, bits=0):
+  """q [B, T, H, G, D]; slot k/v [B, W, H, D]; chunk k/v [B, T, H, D] (logical shapes;
+  bits as for `full_chunk_plan`)."""
   cfg = cfg or STREAM_CHUNK_CONFIG
+  kb, vb = bit_pair(bits)
   b, t, h, g, d = q_shape
   w = slot_shape[1]
   bm = _block_m(g, cfg)
   sq = strides(q_shape)
-  (ss, ssc), (sk, sc) = (kv_strides(x, bits) for x in (slot_shape, (b, t, h, d)))
+  (ss, ssc), (sk, sc) = (kv_strides(x, kb) for x in (slot_shape, (b, t, h, d)))
+  ssv, sv = (kv_strides(x, vb)[0] for x in (slot_shape, (b, t, h, d)))
   return Launch(
       _stream_chunk_kernel, (cdiv(t, bm // g), h, b), ((tuple(q_shape), dtype_name(dtype)),),
       dict(SQB=sq[0], SQT=sq[1], SQH=sq[2], SQG=sq[3], SSB=ss[0], SSW=ss[1], SSH=ss[2],
-           SSCB=ssc[0], SSCW=ssc[1], SSCH=ssc[2], SKB=sk[0], SKT=sk[1], SKH=sk[2], SCB=sc[0],
-           SCT=sc[1], SCH=sc[2], W=w, T=t, G=g, D=d, BD=max(16, next_pow2(d)), BITS=bits,
+           SSVB=ssv[0], SSVW=ssv[1], SSVH=ssv[2], SSCB=ssc[0], SSCW=ssc[1], SSCH=ssc[2],
+           SKB=sk[0], SKT=sk[1], SKH=sk[2], SVB=sv[0], SVT=sv[1], SVH=sv[2], SCB=sc[0],
+           SCT=sc[1], SCH=sc[2], W=w, T=t, G=g, D=d, BD=max(16, next_pow2(d)), KBITS=kb,
+           VBITS=vb,
            BLOCK_M=bm, BLOCK_N=cfg["block_n"], SINK=int(sink), RECENT=int(recent),
            QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32"),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -324,7 +351,7 @@ def triton_full_chunk(q, k_cache, v_cache, q_pos, kv_len, *, return_partial: boo
   import jax.numpy as jnp
   dt = compute_dtype(q, k_cache)
   plan = full_chunk_plan(q.shape, k_cache.shape, dt, partial=return_partial,
-                         bits=kv_bits(k_cache))
+                         bits=(kv_bits(k_cache), kv_bits(v_cache)))
   res = plan.jax(q.astype(dt), *kv_parts(k_cache, dt), *kv_parts(v_cache, dt),
                  q_pos.astype(jnp.int32), kv_len.astype(jnp.int32))
   if return_partial:
@@ -344,7 +371,8 @@ def streaming_chunk(q, slot_k, slot_v, slot_pos, slot_valid, k, v, q_pos, n_vali
   chunk k, v both plain or both quantised)."""
   import jax.numpy as jnp
   dt = compute_dtype(q, slot_k)
-  plan = stream_chunk_plan(q.shape, slot_k.shape, dt, sink, recent, bits=kv_bits(slot_k))
+  plan = stream_chunk_plan(q.shape, slot_k.shape, dt, sink, recent,
+                           bits=(kv_bits(slot_k), kv_bits(slot_v)))
   (out,) = plan.jax(q.astype(dt), *kv_parts(slot_k, dt), *kv_parts(slot_v, dt),
                     slot_positions(slot_pos, slot_valid), *kv_parts(k, dt), *kv_parts(v, dt),
                     q_pos.astype(jnp.int32), n_valid.astype(jnp.int32))
