@@ -87,6 +87,7 @@ def main(argv=None):
           "command": "python -m infer.bench_prefill " + " ".join(argv or sys.argv[1:]),
           "backend": backend, "chunk": chunk, "model": name, "kv_dtype": args.kv_dtype,
           "weights_dtype": args.weights_dtype,
+          "packed_weights": True,  # build_params packs q/k/v and gate/up, as serving does
           "retrieval_chunk_route": retrieval_route(backend)}
   print(f"# {meta['device']} backend {backend} ({meta['retrieval_chunk_route']}), chunk {chunk}"
         f", KV {args.kv_dtype}, weights {args.weights_dtype}", flush=True)

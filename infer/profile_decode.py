@@ -291,6 +291,7 @@ def main(argv=None):
   meta = {"device": getattr(jax.devices()[0], "device_kind", str(jax.devices()[0])),
           "date": datetime.datetime.now().isoformat(timespec="seconds"), "copy_GBps": copy,
           "steps": args.steps, "backend": backend, "jax": jax.__version__,
+          "packed_weights": True,  # build_params packs q/k/v and gate/up, as serving does
           "command": " ".join(["python -m infer.profile_decode"] + (argv or sys.argv[1:]))}
   print(json.dumps(meta), flush=True)
   params = bd.build_params(config, args.weights_dtype)
