@@ -3,6 +3,7 @@
   python -m infer.bench_prefill --out out/bench_prefill                # GPU
   python -m infer.bench_prefill --out OUT --contexts 1M --kv-dtype int4 --weights-dtype int8
   python -m infer.bench_prefill --out /tmp/bp --smoke                  # CPU check (tiny model)
+  python -m infer.bench_prefill --out OUT --contexts 256K,1M --mesh sequence=2   # 2 GPUs
 
 The Llama-3-8B shape (or --model llama2-7b) with random bf16 weights made on
 the device, batch 1, random prompt tokens, chunks of --chunk tokens through
@@ -19,6 +20,13 @@ chunks, and the table gives XLA's temporaries at both capacities. A step whose t
 grow with the capacity holds something the size of the context besides the cache (the XLA
 reference does: it scores a chunk against the whole cache; the GPU kernels walk it in
 blocks), which is what decides whether prefill reaches millions of tokens.
+--mesh SPEC (e.g. sequence=2, tensor=2, sequence=2,tensor=2) runs the same pass on a device
+mesh: weights and cache placed as serving places them (`engine.place_on_mesh`; the cache
+made straight into its shards), the chunk step compiled by `engine.mesh_prefill_step`
+(context parallel where the cache splits over sequence). Memory is then per device: the
+bytes its shards of the weights and the cache hold, plus that device's XLA temporaries
+(the random weights are made on the first device and copied onto the mesh, so that device
+also keeps one whole copy beside its shards, which the figure leaves out).
 Writes bench_prefill.json, .md and .png into --out.
 """
 
@@ -34,7 +42,7 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 from infer.bench_decode import (  # noqa: E402
-    build_params, kfmt, model_configs, parse_contexts, random_mask, weights_alloc)
+    build_mesh, build_params, kfmt, model_configs, parse_contexts, random_mask, weights_alloc)
 
 
 def retrieval_route(backend: str) -> str:
@@ -60,6 +68,9 @@ def main(argv=None):
                   help="also compile for a cache of this many chunks: XLA's temporaries there "
                        "against those at the longest context (0: skip)")
   ap.add_argument("--backend", default="auto")
+  ap.add_argument("--mesh", default=None,
+                  help="run on a device mesh, e.g. sequence=2 or tensor=2 (default: one "
+                       "device, the plain path)")
   ap.add_argument("--smoke", action="store_true")
   args = ap.parse_args(argv)
   out = Path(args.out)
@@ -82,15 +93,19 @@ def main(argv=None):
   chunk = 64 if args.smoke else args.chunk
   dev = jax.devices()[0]
   limit = (dev.memory_stats() or {}).get("bytes_limit", 16 * 2**30)
+  mesh = build_mesh(args.mesh) if args.mesh else None
+  n_dev = 1 if mesh is None else mesh.size
   meta = {"device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__,
           "date": datetime.datetime.now().isoformat(timespec="seconds"),
           "command": "python -m infer.bench_prefill " + " ".join(argv or sys.argv[1:]),
           "backend": backend, "chunk": chunk, "model": name, "kv_dtype": args.kv_dtype,
           "weights_dtype": args.weights_dtype,
           "packed_weights": True,  # build_params packs q/k/v and gate/up, as serving does
-          "retrieval_chunk_route": retrieval_route(backend)}
+          "retrieval_chunk_route": retrieval_route(backend),
+          "mesh": args.mesh, "device_count": n_dev}
   print(f"# {meta['device']} backend {backend} ({meta['retrieval_chunk_route']}), chunk {chunk}"
-        f", KV {args.kv_dtype}, weights {args.weights_dtype}", flush=True)
+        f", KV {args.kv_dtype}, weights {args.weights_dtype}"
+        + (f", mesh {args.mesh}" if mesh else ""), flush=True)
 
   params = build_params(config, args.weights_dtype)
   w_alloc = weights_alloc(params)
@@ -109,16 +124,48 @@ def main(argv=None):
   def cache_of(mask, capacity):
     return kvc.init_cache(config, 1, capacity, mask, jnp.bfloat16, kv_dtype=kv_dtype)
 
-  def compiled_temp(h, cache):
-    step = engine.prefill_step.lower(h, config, tok, cache, i32, i32, hid, backend).compile()
+  def temp_of(compiled) -> int:
     try:
-      return step, step.memory_analysis().temp_size_in_bytes
+      return compiled.memory_analysis().temp_size_in_bytes
     except Exception:  # noqa: BLE001  (a backend without memory analysis)
-      return step, 0
+      return 0
+
+  def compiled_temp(h, cache):
+    """(step(h, tokens, cache, n_valid, last_idx, last_hidden), XLA temporaries)."""
+    if mesh is None:
+      step = engine.prefill_step.lower(h, config, tok, cache, i32, i32, hid, backend).compile()
+      return step, temp_of(step)
+    pl = engine.mesh_placement(mesh, h, cache, config)
+    step = engine.mesh_prefill_step(mesh, pl, h, config, cache, chunk, backend)
+    return step, temp_of(step.compiled)
+
+  def placed(h, mask, capacity):
+    """(handle, cache, placement) on the mesh, the cache made in its shards; one device:
+    as they are."""
+    if mesh is None:
+      return h, cache_of(mask, capacity), None
+    abstract = jax.eval_shape(lambda: cache_of(mask, capacity))
+    pl = engine.mesh_placement(mesh, h, abstract, config)
+    cache = jax.jit(lambda: cache_of(mask, capacity), out_shardings=pl.cache)()
+    return jax.device_put(h, pl.model), cache, pl
+
+  def per_device_bytes(tree) -> int:
+    """The largest bytes any one device holds of these arrays' shards."""
+    held: dict = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+      for sh in leaf.addressable_shards:
+        held[sh.device] = held.get(sh.device, 0) + sh.data.nbytes
+    return max(held.values())
 
   for label, mask in setups:
     kv_bytes = lambda c: kvc.kv_cache_bytes(config, mask, c, kv_dtype=kv_dtype)  # noqa: E731
-    fits = [c for c in ctxs if w_alloc + kv_bytes(c) + 8 * 2**30 < limit]
+    fits = [c for c in ctxs if (w_alloc + kv_bytes(c)) / n_dev + 8 * 2**30 < limit]
+    if mesh is not None:  # the cache's slots split evenly over the sequence axis
+      from duojax import sharding
+      mult = sharding.capacity_multiple(mesh)
+      bad = [c for c in fits if c % mult]
+      if bad:
+        raise SystemExit(f"--mesh {args.mesh}: contexts {bad} are not multiples of {mult}")
     for c in ctxs:
       if c not in fits:
         rows.append({"config": label, "ctx": c, "error": "does not fit"})
@@ -131,12 +178,14 @@ def main(argv=None):
     probe = args.probe_chunks * chunk
     probe_temp = None
     if 0 < probe < cap:  # compiled for a small cache first, then dropped
-      small = cache_of(mask, probe)
-      probe_temp = compiled_temp(h, small)[1]
-      del small
-    cache = cache_of(mask, cap)
+      hp, small, _ = placed(h, mask, probe)
+      probe_temp = compiled_temp(hp, small)[1]
+      del small, hp
+    h, cache, pl = placed(h, mask, cap)
     t0 = time.perf_counter()
     step, temp = compiled_temp(h, cache)
+    if mesh is not None:  # the most loaded device's weights and cache at the capacity
+      dev_w, dev_kv = per_device_bytes(h.state), per_device_bytes(cache)
     compile_s = time.perf_counter() - t0
     # said before the pass, so a run cut off by a time limit still reports them
     print(f"# {label}: XLA temporaries {temp / 1e9:.3g} GB at {kfmt(cap)} tokens"
@@ -152,7 +201,9 @@ def main(argv=None):
     n0 = jnp.clip(lengths, 0, chunk)
     last, cache, _ = step(h, jnp.asarray(tokens[:, :chunk]), cache, n0, lengths - 1, last)
     jax.block_until_ready(last)
-    cache = kvc.KVCache(cache.layers, jnp.zeros((1,), jnp.int32))
+    zero = jnp.zeros((1,), jnp.int32)
+    zero = zero if pl is None else jax.device_put(zero, pl.cache.lengths)
+    cache = kvc.KVCache(cache.layers, zero)
     last = jnp.zeros((1, config.hidden_size), jnp.bfloat16)
     elapsed = 0.0
     marks = {}
@@ -177,6 +228,10 @@ def main(argv=None):
              "xla_temp_GB": temp / 1e9, "capacity": cap, "compile_s": compile_s,
              "probe_capacity": probe if probe_temp is not None else None,
              "xla_temp_probe_GB": None if probe_temp is None else probe_temp / 1e9}
+      if mesh is not None:  # per device: its shards (the cache's scaled to this context:
+        # each device holds the same share of every context), its temporaries
+        row["peak_GB"] = (dev_w + dev_kv * kv_bytes(c) / kv_bytes(cap) + temp) / 1e9
+        row["per_device"] = True
       rows.append(row)
       print(json.dumps(row), flush=True)
     del cache
@@ -185,7 +240,9 @@ def main(argv=None):
   full = {r["ctx"]: r for r in rows if r["config"] == "full" and "seconds" in r}
   lines = [f"Device {meta['device']}, {meta['date']}; {name}, batch 1, chunk {chunk}, backend "
            f"{backend} (retrieval-head chunks: {meta['retrieval_chunk_route']}), KV "
-           f"{args.kv_dtype}, weights {args.weights_dtype}; `{meta['command']}`", "",
+           f"{args.kv_dtype}, weights {args.weights_dtype}"
+           + (f", mesh {args.mesh} ({n_dev} devices; peak GB per device)" if mesh else "")
+           + f"; `{meta['command']}`", "",
            "| ctx | config | prefill s | tokens/s | KV GB | peak GB | XLA temp GB: at the "
            "capacity / at the probe | speed-up vs full |",
            "|---|---|---|---|---|---|---|---|"]

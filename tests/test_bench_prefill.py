@@ -51,3 +51,38 @@ def test_the_probe_sees_the_reference_grow_with_the_cache(int4_run):
 def test_bad_configs_flag(tmp_path):
   with pytest.raises(SystemExit, match="--configs takes full and duo"):
     bp.main(["--out", str(tmp_path), "--smoke", "--configs", "streaming"])
+
+
+# -- on a mesh (fake CPU devices, in a subprocess) ---------------------------------------------
+
+def test_prefill_on_a_mesh_of_fake_devices(tmp_path):
+  """--mesh: the pass runs on sequence=2 (context parallel) and tensor=2 meshes, and the
+  peak is per device: below the one-device run's, which holds everything."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  root = Path(__file__).resolve().parents[1]
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
+  docs = {}
+  for spec in ("sequence=2", "tensor=2", None):
+    out = tmp_path / str(spec)
+    cmd = [sys.executable, "-m", "infer.bench_prefill", "--out", str(out), "--smoke",
+           "--configs", "full,duo", "--probe-chunks", "0"] + (["--mesh", spec] if spec else [])
+    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    docs[spec] = json.loads((out / "bench_prefill.json").read_text())
+  one = {(r["config"], r["ctx"]): r for r in docs[None]["rows"]}
+  for spec in ("sequence=2", "tensor=2"):
+    doc = docs[spec]
+    assert doc["meta"]["mesh"] == spec and doc["meta"]["device_count"] == 2
+    rows = {(r["config"], r["ctx"]): r for r in doc["rows"]}
+    assert set(rows) == set(one) == {(c, n) for c in ("full", "duo-0.5") for n in (256, 512)}
+    for key, r in rows.items():
+      assert r["per_device"] and r["seconds"] > 0
+      assert r["kv_cache_GB"] == one[key]["kv_cache_GB"]  # the whole cache, counted once
+      # a device holds part of the cache (sequence) or of the weights and cache (tensor)
+      assert r["peak_GB"] - r["xla_temp_GB"] < one[key]["peak_GB"] - one[key]["xla_temp_GB"]
+  with pytest.raises(SystemExit, match="needs 64 devices"):
+    bp.main(["--out", str(tmp_path / "x"), "--smoke", "--mesh", "sequence=64"])
