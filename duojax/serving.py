@@ -18,6 +18,7 @@ from duojax.checkpoint.handle import Checkpoint
 from duojax.config import DEPLOY, ModelConfig
 from duojax.model import handle as model_handle
 from duojax.model.handle import ModelHandle
+from duojax.model.pack import pack_params
 from duojax.pattern import HeadMask, HeadPattern, PatternError, load_any, random_pattern
 
 ATTENTION_KINDS = ("full", "duo", "streaming", "random")
@@ -133,8 +134,12 @@ def load_model(ckpt: str | None = None, attention: str | None = None, pattern: s
                      "streaming or random")
   # split once here: the jitted steps merge the handle inside their trace
   if mesh is None:
-    model = model_handle.from_params(config, ck.params(dtype=dtype), mask,
-                                     weights_dtype=weights_dtype, pack=pack)
+    params = ck.params(dtype=dtype)
+    if pack:  # layer by layer, before anything else holds the unpacked weights
+      pack_params(params, in_place=True)
+    model = model_handle.from_params(config, params, mask, weights_dtype=weights_dtype,
+                                     pack=pack)
+    del params
   else:
     from duojax import engine
     shardings = engine.param_shardings_for(mesh, config)  # a mesh that cannot fit: before reading

@@ -5,6 +5,7 @@ under a head mask), every
 reader of the params dict still sees the unpacked layout, and a mix is refused. The mesh
 test reruns itself with 2 fake CPU devices (see test_sharding.py)."""
 
+import gc
 import warnings
 
 import jax
@@ -246,3 +247,29 @@ def test_packed_weights_on_a_mesh():
   want = engine.generate(handle.from_params(cfg, params, mask), cfg, PROMPTS, 4, mask, 8)
   assert got.tokens == want.tokens
   _equal(jax.device_get(h.params), llama.apply_head_mask(params, mask))
+
+
+def _live_bytes() -> int:
+  gc.collect()
+  return sum(a.nbytes for a in jax.live_arrays())
+
+
+def test_in_place_packing_never_holds_both_layouts():
+  """pack_params(in_place=True) (what load_model does to the weights it read) lets each
+  layer's unpacked q/k/v and gate/up go as its packed copy is made: the live device bytes
+  stay those of one layout, where packing a copy holds both."""
+  cfg = tiny_config(num_layers=4, hidden_size=64, intermediate_size=256)
+  params = random_params(cfg, 7, 0.3)
+  params = jax.tree.map(jnp.asarray, params)
+  before = _live_bytes()
+  kept = pack.pack_params(params)  # a copy: the unpacked arrays live on in `params`
+  both = _live_bytes()
+  del kept
+  packed = pack.pack_params(params, in_place=True)
+  assert packed is params and pack.is_packed(params["layers"][0])
+  after = _live_bytes()
+  moved = sum(params["layers"][0][n].nbytes for n in ("wqkv", "w_gate_up")) * cfg.num_layers
+  assert both >= before + moved  # the copy held both layouts
+  assert after <= before + 1024, (before, after)  # in place: one layout (+ rounding)
+  with pytest.raises(ValueError, match="per-layer params"):
+    pack.pack_params({"layers": {"wq": params["layers"][0]["wqkv"]}}, in_place=True)
