@@ -28,9 +28,9 @@ whole beside the int8 one). Configs: full attention and duo at each
 KV cache: --kv-dtype bf16, int8, int4 or k8v4 (int8 keys, int4 values; codes + float32
 scale and zero per token per KV head), a comma list runs each. For each (model, weights,
 batch, config, KV dtype, path) the decode loop (`engine.decode`, a jitted while_loop,
-greedy sampling) is compiled once for a cache of the largest context that fits; the cache is filled with
-pseudo-random values (a hash of each slot's position: no RNG temporaries at large
-capacities, the same values on every path) and
+greedy sampling) is compiled once for a cache of the largest context that fits; the cache
+is filled with pseudo-random values (a hash of each slot's position: no RNG temporaries at
+large capacities, the same values on every path) and
 `cache.lengths` set to each context in turn (the kernels read each row only up to its
 length, so the capacity does not change the work), and --steps tokens are decoded;
 per-token latency = wall time / steps, median of 3 after a warm-up call. Each row keeps

@@ -159,7 +159,9 @@ def main(argv=None):
 
   for label, mask in setups:
     kv_bytes = lambda c: kvc.kv_cache_bytes(config, mask, c, kv_dtype=kv_dtype)  # noqa: E731
-    fits = [c for c in ctxs if (w_alloc + kv_bytes(c)) / n_dev + 8 * 2**30 < limit]
+    # on a mesh the first device also keeps the whole random weights (made there)
+    dev0 = 0 if mesh is None else w_alloc
+    fits = [c for c in ctxs if dev0 + (w_alloc + kv_bytes(c)) / n_dev + 8 * 2**30 < limit]
     if mesh is not None:  # the cache's slots split evenly over the sequence axis
       from duojax import sharding
       mult = sharding.capacity_multiple(mesh)

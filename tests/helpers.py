@@ -7,6 +7,13 @@ import numpy as np
 from duojax.model import llama
 
 
+def fake_device_env(n: int) -> dict:
+  """os.environ for a child process of JAX on n fake CPU devices."""
+  import os
+  flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
+
+
 def random_params(cfg, seed, scale):
   """Like llama.init_params but drawn with numpy: eager jax.random compiles per shape (slow)."""
   rng = np.random.default_rng(seed)

@@ -58,13 +58,12 @@ def test_bad_configs_flag(tmp_path):
 def test_prefill_on_a_mesh_of_fake_devices(tmp_path):
   """--mesh: the pass runs on sequence=2 (context parallel) and tensor=2 meshes, and the
   peak is per device: below the one-device run's, which holds everything."""
-  import os
   import subprocess
   import sys
   from pathlib import Path
+  from helpers import fake_device_env
   root = Path(__file__).resolve().parents[1]
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
+  env = fake_device_env(2)
   docs = {}
   for spec in ("sequence=2", "tensor=2", None):
     out = tmp_path / str(spec)

@@ -2,21 +2,20 @@
 2 fake devices (sequence, tensor) with the tiny smoke model (issue 17's training figure)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import fake_device_env
 from infer import bench_train_step as bt
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_step_on_one_device_and_two_meshes(tmp_path):
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
+  env = fake_device_env(2)
   cmd = [sys.executable, "-m", "infer.bench_train_step", "--out", str(tmp_path), "--smoke",
          "--steps", "1", "--mesh", "none", "--mesh", "sequence=2", "--mesh", "tensor=2"]
   r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
