@@ -1171,7 +1171,7 @@ def rerender(args, out):
   print(table)
 
 
-def parse_quant_decode_config(text: str) -> dict[int, dict]:
+def parse_quant_decode_config(text: str) -> dict:
   """--quant-decode-config's JSON -> {bits: overrides}; a clear error for anything else."""
   from duojax.kernels.gpu.decode import DECODE_CONFIG
   try:
@@ -1184,14 +1184,14 @@ def parse_quant_decode_config(text: str) -> dict[int, dict]:
                      '\'{"4": {"block_n": 128}}\'')
   out = {}
   for bits, cfg in raw.items():
-    if str(bits) not in ("8", "4") or not isinstance(cfg, dict):
-      raise SystemExit(f"--quant-decode-config: keys are code widths 8 or 4, each an object; "
-                       f"got {bits!r}: {cfg!r}")
-    bad = sorted(set(cfg) - set(DECODE_CONFIG))
+    if str(bits) not in ("8", "4", "k8v4") or not isinstance(cfg, dict):
+      raise SystemExit(f"--quant-decode-config: keys are code widths 8 or 4 (or k8v4, the "
+                       f"mixed cache), each an object; got {bits!r}: {cfg!r}")
+    known = set(DECODE_CONFIG) | {"f16_codes"}
+    bad = sorted(set(cfg) - known)
     if bad:
-      raise SystemExit(f"--quant-decode-config: unknown keys {bad}; known: "
-                       f"{sorted(DECODE_CONFIG)}")
-    out[int(bits)] = cfg
+      raise SystemExit(f"--quant-decode-config: unknown keys {bad}; known: {sorted(known)}")
+    out[(8, 4) if bits == "k8v4" else int(bits)] = cfg
   return out
 
 
@@ -1255,6 +1255,10 @@ def build_parser():
                   "(`_scan` in duojax/kernels/gpu/decode.py; int8 folds by default, "
                   "QUANT_DECODE_CONFIG); turn it off with --quant-decode-config "
                   "'{\"8\": {\"fold_scales\": false}}'")
+  ap.add_argument("--no-f16-codes", action="store_true",
+                  help="quantised KV: the Triton decode kernels convert each code to a float "
+                  "for every width (int4 takes fp16 codes by default: QUANT_DECODE_CONFIG), to "
+                  "time one against the other")
   ap.add_argument("--quant-decode-config", default=None,
                   help='quantised KV: the split-K decode kernel\'s tuning per code width, JSON '
                   'such as \'{"4": {"block_n": 128, "num_warps": 8}}\' (keys of DECODE_CONFIG; '
@@ -1331,6 +1335,11 @@ def main(argv=None):
     from duojax.kernels.gpu import decode as kd
     for cfg in kd.QUANT_DECODE_CONFIG.values():
       cfg["fold_scales"] = True
+  if args.no_f16_codes:  # read when a launch is planned (decode and prefill kernels)
+    from duojax.kernels.gpu import decode as kd
+    kd.F16_CODES_DEFAULT = False
+    for cfg in kd.QUANT_DECODE_CONFIG.values():
+      cfg["f16_codes"] = False
   if args.quant_decode_config:  # the same: read when a decode launch is planned
     from duojax.kernels.gpu import decode as kd
     for bits, cfg in parse_quant_decode_config(args.quant_decode_config).items():
@@ -1402,6 +1411,7 @@ def main(argv=None):
           "backend": args.backend, "steps": args.steps, "kv_dtype": args.kv_dtype,
           "fold_scales": args.fold_scales, "sync_every": _sync_every(args),
           "quant_decode_config": args.quant_decode_config,
+          "f16_codes": not args.no_f16_codes,
           "weights_dtype": args.weights_dtype, "paths": resolve_paths(args),
           "packed_weights": not args.no_pack,
           "mesh": mesh_spec(args) if resolve_paths(args) != ["plain"] else None,

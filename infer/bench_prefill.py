@@ -71,6 +71,10 @@ def main(argv=None):
   ap.add_argument("--mesh", default=None,
                   help="run on a device mesh, e.g. sequence=2 or tensor=2 (default: one "
                        "device, the plain path)")
+  ap.add_argument("--f16-codes", action="store_true",
+                  help="quantised KV: the chunk kernels read fp16 codes (decode.py's "
+                       "`_scan_codes` products; off by default: measured slower, see "
+                       "prefill.FULL_CHUNK_CONFIG), to time one against the other")
   ap.add_argument("--smoke", action="store_true")
   args = ap.parse_args(argv)
   out = Path(args.out)
@@ -85,6 +89,9 @@ def main(argv=None):
   from duojax.model import handle as model_handle
 
   backend = dispatch.resolve_backend(args.backend)
+  if args.f16_codes and backend == "gpu":  # read when a launch is planned
+    from duojax.kernels.gpu import prefill as kp
+    kp.FULL_CHUNK_CONFIG["f16_codes"] = kp.STREAM_CHUNK_CONFIG["f16_codes"] = True
   configs = model_configs(args.smoke)
   name = "tiny-gqa" if args.smoke else args.model
   config = configs[name]
@@ -99,7 +106,7 @@ def main(argv=None):
           "date": datetime.datetime.now().isoformat(timespec="seconds"),
           "command": "python -m infer.bench_prefill " + " ".join(argv or sys.argv[1:]),
           "backend": backend, "chunk": chunk, "model": name, "kv_dtype": args.kv_dtype,
-          "weights_dtype": args.weights_dtype,
+          "weights_dtype": args.weights_dtype, "f16_codes": args.f16_codes,
           "packed_weights": True,  # build_params packs q/k/v and gate/up, as serving does
           "retrieval_chunk_route": retrieval_route(backend),
           "mesh": args.mesh, "device_count": n_dev}

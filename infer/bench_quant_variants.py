@@ -2,6 +2,7 @@
 
   python -m infer.bench_quant_variants --out OUT                    # GPU
   python -m infer.bench_quant_variants --out OUT --shapes 1024,4,4,1 --bits 4
+  python -m infer.bench_quant_variants --out OUT --bits 4,8,k8v4 --small-grid --no-layouts
   TRITON_INTERPRET=1 python -m infer.bench_quant_variants --out /tmp/qv --smoke   # CPU check
 
 Why: the int8 / int4 caches decode slower than bf16 although they move 2-3.5x fewer bytes
@@ -12,7 +13,10 @@ nothing but the kernel is in the figure:
 
   stage 1  block_n x num_warps x num_stages x programs, the layout as stored;
   stage 2  the best --top (3) of stage 1 with the scales folded out of the products, and with
-           the scales laid out otherwise. The kernel takes every stride as a constant, so
+           the scales laid out otherwise (--no-layouts: skipped).
+  fp16 codes (`decode.f16_codes`, the default for a bf16 q): every stage-1 point is timed
+           with the codes made fp16 by bit pattern and with the old int -> float convert
+           (--f16-codes on / off / both). The kernel takes every stride as a constant, so
            other layouts need no kernel change: BSH (as stored: [B, S, H] scale and zero
            apart), BHS (head-major: a block's scales contiguous), BSH2 / BHS2 (scale and
            zero side by side), BHS2-f16 (the same in fp16, the paper's choice).
@@ -72,7 +76,7 @@ def time_variant(torch, kd, shape, bits, cfg, layout, bufs):
   ctx, h, g, b = shape
   d = 128
   dt = jnp.float32 if DEV == "cpu" else jnp.bfloat16  # the interpreter has no bf16 products
-  split, comb = kd.full_decode_plans((b, 1, h, g, d), (b, ctx, h, d), dt, cfg, bits)
+  split, comb = kd.full_decode_plans((b, 1, h, g, d), (b, ctx, h, d), dt, cfg, bit_pair(bits))
   q, kc, vc, ks, kz, vs, vz, qpos, lens = bufs
   ks, kz, (cb, cs, ch) = scale_views(torch, layout, ks, kz)
   vs, vz, _ = scale_views(torch, layout, vs, vz)
@@ -92,25 +96,32 @@ def time_variant(torch, kd, shape, bits, cfg, layout, bufs):
   return ms * 1e3, out.float()
 
 
+def bit_pair(bits):
+  """8, 4 or "k8v4" -> (key bits, value bits)."""
+  return (8, 4) if bits == "k8v4" else (int(bits), int(bits))
+
+
 def buffers(torch, shape, bits):
   ctx, h, g, b = shape
   d = 128
   gen = torch.Generator(device=DEV).manual_seed(0)
-  dc = d // 2 if bits == 4 else d
-  lo, hi = (0, 256) if bits == 4 else (-128, 128)
-  dt = torch.uint8 if bits == 4 else torch.int8
-  codes = [torch.randint(lo, hi, (b, ctx, h, dc), generator=gen, device=DEV,
-                         dtype=torch.int32).to(dt) for _ in range(2)]
+
+  def codes_of(nb):
+    lo, hi = (0, 256) if nb == 4 else (-128, 128)
+    return torch.randint(lo, hi, (b, ctx, h, d // 2 if nb == 4 else d), generator=gen,
+                         device=DEV, dtype=torch.int32).to(torch.uint8 if nb == 4 else torch.int8)
+  codes = [codes_of(nb) for nb in bit_pair(bits)]
   side = [torch.rand(b, ctx, h, generator=gen, device=DEV) * 0.02 + 0.001 for _ in range(4)]
   q = torch.randn(b, 1, h, g, d, generator=gen, device=DEV)
   q = q if DEV == "cpu" else q.to(torch.bfloat16)
   lens = torch.full((b,), ctx, device=DEV, dtype=torch.int32)
   qpos = (lens - 1)[:, None].contiguous()
-  nbytes = 2 * codes[0].numel() + 4 * 4 * b * ctx * h  # codes + fp32 scale and zero, K and V
+  nbytes = codes[0].numel() + codes[1].numel() + 4 * 4 * b * ctx * h  # codes + fp32 scale, zero
   return (q, codes[0], codes[1], side[0], side[1], side[2], side[3], qpos, lens), nbytes
 
 
-def run_shape(torch, kd, shape, bits, cbw, grid):
+def run_shape(torch, kd, shape, bits, cbw, grid, f16=(True, False), layouts=True,
+              variants=None):
   bufs, nbytes = buffers(torch, shape, bits)
   floor_us = nbytes / cbw * 1e6
   rows, ref = [], None
@@ -119,10 +130,10 @@ def run_shape(torch, kd, shape, bits, cbw, grid):
   def one(cfg, layout, stage):
     nonlocal ref
     row = {"ctx": shape[0], "H": shape[1], "G": shape[2], "B": shape[3], "bits": bits,
-           "stage": stage, "layout": layout, **{k: cfg[k] for k in (*default, "fold_scales")},
-           "floor_us": floor_us,
-           "default": all(cfg[k] == v for k, v in default.items()) and layout == "BSH"
-           and not cfg["fold_scales"]}
+           "stage": stage, "layout": layout,
+           **{k: cfg[k] for k in (*default, "fold_scales", "f16_codes")},
+           "nibble_halves": cfg.get("nibble_halves", kd.NIBBLE_HALVES), "floor_us": floor_us,
+           "default": stage == 0}
     try:
       us, out = time_variant(torch, kd, shape, bits, cfg, layout, bufs)
       if ref is None:
@@ -134,14 +145,22 @@ def run_shape(torch, kd, shape, bits, cbw, grid):
     rows.append(row)
     print(json.dumps(row), flush=True)
 
+  today = kd.decode_config(bit_pair(bits))  # what the model runs: DECODE_CONFIG + overrides
+  one(dict(today, f16_codes=today.get("f16_codes", kd.F16_CODES_DEFAULT)), "BSH", 0)
+  if variants is not None:  # --variants: these overrides of today's config, nothing else
+    for ov in variants:
+      one({**today, "f16_codes": today.get("f16_codes", kd.F16_CODES_DEFAULT), **ov}, "BSH", 1)
+    return rows
   base = dict(kd.DECODE_CONFIG, max_splits=256, fold_scales=False)
-  one(dict(base, max_splits=kd.DECODE_CONFIG["max_splits"]), "BSH", 0)  # today's default
-  for bn, w, st, p in grid:
-    one(dict(base, block_n=bn, num_warps=w, num_stages=st, programs=p), "BSH", 1)
-  top = sorted([r for r in rows if "us" in r and r["stage"] == 1], key=lambda r: r["us"])[:1 if DEV == "cpu" else TOP]
-  for r in top:
+  for f16_on in f16:
+    for bn, w, st, p in grid:
+      one(dict(base, block_n=bn, num_warps=w, num_stages=st, programs=p, f16_codes=f16_on),
+          "BSH", 1)
+  top = sorted([r for r in rows if "us" in r and r["stage"] == 1 and not r["f16_codes"]],
+               key=lambda r: r["us"])[:1 if DEV == "cpu" else TOP]
+  for r in top if layouts else ():  # fold and layouts apply to the converting path
     cfg = dict(base, block_n=r["block_n"], num_warps=r["num_warps"],
-               num_stages=r["num_stages"], programs=r["programs"])
+               num_stages=r["num_stages"], programs=r["programs"], f16_codes=False)
     for fold in (False, True):
       for layout in LAYOUTS:
         if not fold and layout == "BSH":
@@ -163,6 +182,7 @@ def format_table(rows, meta):
     for r in pick:
       name = (f"bn {r['block_n']} w {r['num_warps']} st {r['num_stages']} p {r['programs']} "
               f"{r['layout']}{' fold' if r['fold_scales'] else ''}"
+              f"{' f16 codes, halves ' + repr(r['nibble_halves']) if r['f16_codes'] else ''}"
               f"{' (default)' if r['default'] else ''}")
       lines.append(f"| {ctx // K}K x {h} x {g}, {b} | {bits} | {name} | {r['us']:.1f} | "
                    f"{r['x_floor']:.2f} | {r['GBps']:.0f} |")
@@ -180,13 +200,15 @@ def plot(rows, path):
   fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
   for ax, (key, rs) in zip(axes[0], groups.items()):
     xs = sorted(rs, key=lambda r: r["x_floor"])
-    colors = ["tab:red" if r["default"] else "tab:blue" if r["stage"] < 2 else "tab:green"
-              for r in xs]
+    colors = ["tab:red" if r["default"] else "tab:orange" if r["f16_codes"]
+              else "tab:blue" if r["stage"] < 2 else "tab:green" for r in xs]
     ax.bar(range(len(xs)), [r["x_floor"] for r in xs], color=colors)
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_title(f"int{key[4]}, {key[0] // K}K x {key[1]} heads x G {key[2]}, B {key[3]}")
+    ax.set_title(f"{key[4] if key[4] == 'k8v4' else f'int{key[4]}'}, {key[0] // K}K x {key[1]} "
+                 f"heads x G {key[2]}, B {key[3]}")
     ax.set_ylabel("time / floor")
-    ax.set_xlabel("variants, fastest first (red: default, green: layouts / fold)")
+    ax.set_xlabel("variants, fastest first (red: default, orange: fp16 codes, "
+                  "green: layouts / fold)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
@@ -196,7 +218,14 @@ def main(argv=None):
   ap.add_argument("--out", required=True)
   ap.add_argument("--shapes", default="1024,4,4,1",
                   help="ctx in K tokens, KV heads, G, batch; ';' between shapes")
-  ap.add_argument("--bits", default="8,4")
+  ap.add_argument("--bits", default="8,4", help="code widths: 8, 4, k8v4 (int8 keys, int4 "
+                  "values)")
+  ap.add_argument("--f16-codes", choices=("both", "on", "off"), default="both",
+                  help="time the stage-1 grid with fp16 codes, the int -> float convert, or both")
+  ap.add_argument("--no-layouts", action="store_true", help="skip stage 2 (fold x layouts)")
+  ap.add_argument("--variants", default=None,
+                  help='instead of the grid: a JSON list of overrides of the default config, '
+                  'e.g. \'[{"nibble_halves": "kv"}, {"f16_codes": false, "block_n": 64}]\'')
   ap.add_argument("--small-grid", action="store_true", help="12 stage-1 variants, not 36")
   ap.add_argument("--top", type=int, default=3, help="stage-1 variants taken into stage 2")
   ap.add_argument("--smoke", action="store_true",
@@ -228,11 +257,18 @@ def main(argv=None):
     grid = [(bn, w, 2, p) for bn in (64, 128) for w in (4, 8) for p in (264, 528, 1056)]
   if args.smoke:
     grid, args.shapes = [(64, 4, 2, 264), (32, 4, 2, 528)], "1,2,2,2"
+  variants = json.loads(args.variants) if args.variants else None
+  if variants is not None and not (isinstance(variants, list)
+                                   and all(isinstance(v, dict) for v in variants)):
+    raise SystemExit("--variants: a JSON list of objects, e.g. '[{\"block_n\": 64}]'")
   rows = []
   for spec in args.shapes.split(";"):
     ctx, h, g, b = (int(x) for x in spec.split(","))
-    for bits in (int(x) for x in args.bits.split(",")):
-      rows += run_shape(torch, kd, (ctx * K, h, g, b), bits, meta["copy_GBps"] * 1e9, grid)
+    for bits in args.bits.split(","):
+      bits = bits if bits == "k8v4" else int(bits)
+      f16 = {"both": (True, False), "on": (True,), "off": (False,)}[args.f16_codes]
+      rows += run_shape(torch, kd, (ctx * K, h, g, b), bits, meta["copy_GBps"] * 1e9, grid, f16,
+                        not args.no_layouts, variants)
       if DEV == "cuda":
         torch.cuda.empty_cache()
   (out / "quant_variants.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

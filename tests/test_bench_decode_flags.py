@@ -222,6 +222,27 @@ def test_quant_decode_config_overrides_only_its_code_width(monkeypatch):
       bd.parse_quant_decode_config(bad)
 
 
+def test_fp16_codes_per_cache_as_measured(monkeypatch):
+  """The decode kernels read int4 through fp16 codes (both buffers as nibble halves) and
+  int8 / k8v4 through the convert (decode.QUANT_DECODE_CONFIG); fp32 q never; k8v4's own
+  entry is what `--quant-decode-config '{"k8v4": ...}'` replaces, and --no-f16-codes turns
+  the path off wherever a config does not name it."""
+  pytest.importorskip("triton")
+  import jax.numpy as jnp
+  from duojax.kernels.gpu import decode as kd
+  shape_q, shape_k = (1, 1, 4, 4, 128), (1, 8192, 4, 128)
+  f16c = lambda bits, dt=jnp.bfloat16: kd.full_decode_plans(shape_q, shape_k, dt,
+                                                            bits=bits)[0].consts["F16C"]
+  assert (f16c(4), f16c(8), f16c((8, 4)), f16c(4, jnp.float32)) == (1 | 2 | 4, 0, 0, 0)
+  cfg = bd.parse_quant_decode_config('{"k8v4": {"block_n": 64, "f16_codes": true}}')
+  assert cfg == {(8, 4): {"block_n": 64, "f16_codes": True}}
+  monkeypatch.setitem(kd.QUANT_DECODE_CONFIG, (8, 4), cfg[(8, 4)])
+  assert f16c((8, 4)) == 7 and f16c(4) == 7  # (the key halves bit: int4 keys only)
+  monkeypatch.setitem(kd.QUANT_DECODE_CONFIG, 4, {"block_n": 128})
+  monkeypatch.setattr(kd, "F16_CODES_DEFAULT", False)
+  assert f16c(4) == 0
+
+
 def test_plot_has_a_panel_per_batch_size(tmp_path):
   """Batch 16 rows get their own panel beside batch 1 (issue 18 asks for both in the plot):
   two panels make the PNG twice as wide as one."""

@@ -73,34 +73,40 @@ def ref(*xs):
 
 def fresh_jit(f, **kw):
   """jax.jit of a new function object: JAX shares traces between jits of the same function,
-  and `folded_scales` changes what a trace builds without changing its arguments."""
+  and `quant_path` changes what a trace builds without changing its arguments."""
   return jax.jit(lambda *a: f(*a), **kw)
 
 
-class folded_scales:
-  """Inside the block the quantised decode kernels fold the scales and zeros out of the
-  products (on) or dequantise each tile (off), whatever QUANT_DECODE_CONFIG's default for
-  the code width. Trace with `fresh_jit`."""
+class quant_path:
+  """Inside the block the quantised kernels read their tiles one way, whatever the configs'
+  defaults: "f16" codes made fp16 by bit pattern, scales folded around fp16 products
+  (`decode._scan_codes`); "fold" codes converted to bf16, scales folded out; "dequant" each
+  tile dequantised in fp32 then rounded (the last two: f16_codes off). None: the defaults.
+  Prefill kernels have "f16" and "dequant" ("fold" is decode's). Trace with `fresh_jit`."""
 
-  def __init__(self, on: bool):
-    self.on = on
+  def __init__(self, mode):
+    self.mode = mode
 
   def __enter__(self):
-    from duojax.kernels.gpu import decode as kd
-    self.saved = {b: dict(c) for b, c in kd.QUANT_DECODE_CONFIG.items()}
-    for c in kd.QUANT_DECODE_CONFIG.values():
-      c["fold_scales"] = self.on
+    from duojax.kernels.gpu import decode as kd, prefill as kp
+    self.cfgs = [*kd.QUANT_DECODE_CONFIG.values(), kp.FULL_CHUNK_CONFIG, kp.STREAM_CHUNK_CONFIG]
+    self.saved = [dict(c) for c in self.cfgs]
+    if self.mode is not None:
+      for c in self.cfgs:
+        c["f16_codes"] = self.mode == "f16"
+        c["fold_scales"] = self.mode == "fold"
 
   def __exit__(self, *exc):
-    from duojax.kernels.gpu import decode as kd
-    kd.QUANT_DECODE_CONFIG.clear()
-    kd.QUANT_DECODE_CONFIG.update(self.saved)
+    for c, old in zip(self.cfgs, self.saved):
+      c.clear()
+      c.update(old)
 
 
-# (bits, fold): plain, int8, int4 and k8v4 (int8 keys, int4 values) caches, the quantised
-# ones also with folded scales
+# (bits, path): plain, int8, int4 and k8v4 (int8 keys, int4 values) caches, the quantised
+# ones read each way their tiles can be (`quant_path`)
 K8V4 = (8, 4)
-QUANT = [(0, False), (8, False), (4, False), (K8V4, False), (8, True), (4, True), (K8V4, True)]
+QUANT = [(0, None)] + [(b, m) for m in ("f16", "fold", "dequant") for b in (8, 4, K8V4)]
+CHUNK_QUANT = [(0, None)] + [(b, m) for m in ("f16", "dequant") for b in (8, 4, K8V4)]
 
 
 def check(out, want, dtype, valid_rows=None):
@@ -120,14 +126,14 @@ DECODE_SHAPES = SHAPES + [(3, 1, 128), (2, 4, 64)]
 
 
 @pytest.mark.parametrize("h,g,d", DECODE_SHAPES)
-@pytest.mark.parametrize("bits,fold", QUANT)
-def test_full_decode_gpu(h, g, d, bits, fold):
+@pytest.mark.parametrize("bits,path", QUANT)
+def test_full_decode_gpu(h, g, d, bits, path):
   b, s, dtype = 4, 1037, jnp.bfloat16
   lens = jnp.asarray([1037, 1, 517, 64], jnp.int32)
   q, k, v = rnd((b, 1, h, g, d), dtype), kv((b, s, h, d), bits), kv((b, s, h, d), bits, 1)
   q_pos = (lens - 1)[:, None]
   want = reference.full_chunk_attention(*ref(q, k, v), q_pos, lens)
-  with folded_scales(fold):
+  with quant_path(path):
     out = fresh_jit(kg.full_decode)(q, k, v, q_pos, lens)
     # the partial route (context parallel's per-device op) reads the same buffers
     m, l, acc = fresh_jit(kg.full_decode_partial)(q, k, v, q_pos, lens)
@@ -157,8 +163,8 @@ def test_full_decode_fp32_gpu():
 
 @pytest.mark.parametrize("h,g,d", SHAPES)
 @pytest.mark.parametrize("sink,recent", [(64, 256), (0, 19)])
-@pytest.mark.parametrize("bits,fold", QUANT)
-def test_streaming_decode_gpu(h, g, d, sink, recent, bits, fold):
+@pytest.mark.parametrize("bits,path", QUANT)
+def test_streaming_decode_gpu(h, g, d, sink, recent, bits, path):
   b, dtype = 5, jnp.bfloat16
   w = sink + recent
   start = jnp.asarray([0, 3, w - 1, w + 5, 10_007], jnp.int32)  # tokens already cached
@@ -168,7 +174,7 @@ def test_streaming_decode_gpu(h, g, d, sink, recent, bits, fold):
   pos, valid = kvc.stream_slot_positions(start, sink, recent)
   q_pos, n_valid = start[:, None], jnp.ones((b,), jnp.int32)
   args = (pos, valid)
-  with folded_scales(fold):
+  with quant_path(path):
     out = fresh_jit(kg.streaming_decode, static_argnums=(9, 10))(
         q, sk, sv, *args, k, v, q_pos, n_valid, sink, recent)
   want = reference.streaming_chunk_attention(*ref(q, sk, sv), *args, *ref(k, v), q_pos, n_valid,
@@ -179,8 +185,8 @@ def test_streaming_decode_gpu(h, g, d, sink, recent, bits, fold):
 @pytest.mark.parametrize("hr,hs,g,d", [(1, 3, 1, 64), (2, 2, 4, 128), (2, 1, 3, 64),
                                         (5, 3, 1, 128)])
 @pytest.mark.parametrize("sink,recent", [(64, 256), (0, 19)])
-@pytest.mark.parametrize("bits,fold", QUANT)
-def test_duo_decode_gpu(hr, hs, g, d, sink, recent, bits, fold):
+@pytest.mark.parametrize("bits,path", QUANT)
+def test_duo_decode_gpu(hr, hs, g, d, sink, recent, bits, path):
   """The fused launch equals full + streaming references, concatenated."""
   b, s, dtype = 4, 1500, jnp.bfloat16
   w = sink + recent
@@ -193,7 +199,7 @@ def test_duo_decode_gpu(hr, hs, g, d, sink, recent, bits, fold):
   pos, valid = kvc.stream_slot_positions(start, sink, recent)
   args = (start[:, None], lens)
   n_valid = jnp.ones((b,), jnp.int32)
-  with folded_scales(fold):
+  with quant_path(path):
     out = fresh_jit(kg.duo_decode, static_argnums=(12, 13))(
         q, kc, vc, *args, sk, sv, pos, valid, k, v, n_valid, sink, recent)
   want = reference.duo_decode_attention(*ref(q, kc, vc), *args, *ref(sk, sv), pos, valid,
@@ -202,8 +208,8 @@ def test_duo_decode_gpu(hr, hs, g, d, sink, recent, bits, fold):
 
 
 @pytest.mark.parametrize("h,g,d", SHAPES)
-@pytest.mark.parametrize("bits", [0, 8, 4, K8V4])
-def test_full_chunk_gpu(h, g, d, bits):
+@pytest.mark.parametrize("bits,path", CHUNK_QUANT)
+def test_full_chunk_gpu(h, g, d, bits, path):
   """Quantised caches never take the tokamax route: the Triton kernel dequantises."""
   b, t, s, dtype = 3, 203, 1300, jnp.bfloat16
   start = jnp.asarray([0, 701, 333], jnp.int32)
@@ -212,7 +218,8 @@ def test_full_chunk_gpu(h, g, d, bits):
   kc, vc = kv((b, s, h, d), bits), kv((b, s, h, d), bits, 1)
   q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
   kv_len = start + n_valid
-  out = jax.jit(kg.full_chunk)(q, kc, vc, q_pos, kv_len)
+  with quant_path(path):
+    out = fresh_jit(kg.full_chunk)(q, kc, vc, q_pos, kv_len)
   check(out, reference.full_chunk_attention(*ref(q, kc, vc), q_pos, kv_len), dtype)
 
 
@@ -241,8 +248,8 @@ def test_full_chunk_routes_gpu(h, g, d, route):
 
 @pytest.mark.parametrize("h,g,d", SHAPES)
 @pytest.mark.parametrize("sink,recent", [(64, 256), (16, 37)])
-@pytest.mark.parametrize("bits", [0, 8, 4, K8V4])
-def test_streaming_chunk_gpu(h, g, d, sink, recent, bits):
+@pytest.mark.parametrize("bits,path", CHUNK_QUANT)
+def test_streaming_chunk_gpu(h, g, d, sink, recent, bits, path):
   b, t, dtype = 4, 517, jnp.bfloat16
   w = sink + recent
   start = jnp.asarray([0, 20, 1000, 50_000], jnp.int32)
@@ -252,8 +259,9 @@ def test_streaming_chunk_gpu(h, g, d, sink, recent, bits):
   k, v = kv((b, t, h, d), bits), kv((b, t, h, d), bits, 1)
   pos, valid = kvc.stream_slot_positions(start, sink, recent)
   q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-  out = jax.jit(kg.streaming_chunk, static_argnums=(9, 10))(
-      q, sk, sv, pos, valid, k, v, q_pos, n_valid, sink, recent)
+  with quant_path(path):
+    out = fresh_jit(kg.streaming_chunk, static_argnums=(9, 10))(
+        q, sk, sv, pos, valid, k, v, q_pos, n_valid, sink, recent)
   want = reference.streaming_chunk_attention(*ref(q, sk, sv), pos, valid, *ref(k, v), q_pos,
                                              n_valid, sink, recent)
   check(out, want, dtype)
@@ -344,3 +352,21 @@ def test_quant_generate_gpu_vs_xla(kv_dtype):
   b = engine.generate(params, config, prompts, 12, mask=mask, prefill_chunk=16, backend="xla",
                       kv_dtype=kv_dtype)
   assert a.tokens == b.tokens
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4", "k8v4"])
+def test_quant_logits_bf16_gpu_vs_xla(kv_dtype):
+  """A bf16 model on a quantised cache: the prefill chunks read it through the fp16-code
+  kernels (`decode._scan_codes`' products, the bf16 compute path) and match the XLA
+  reference, which dequantises the same codes, within bf16's tolerance."""
+  config, params, mask = _model(jnp.bfloat16, d=32)
+  rng = np.random.default_rng(3)
+  prompts = [list(rng.integers(3, config.vocab_size, n)) for n in (75, 23)]
+  got = engine.forward_logits(params, config, prompts, mask, chunk=24, backend="gpu",
+                              kv_dtype=kv_dtype)
+  want = engine.forward_logits(params, config, prompts, mask, chunk=24, backend="xla",
+                               kv_dtype=kv_dtype)
+  for a, b in zip(got, want):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert not np.isnan(a).any()
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2

@@ -15,6 +15,7 @@ import pytest
 
 HERE = Path(__file__).parent
 TOL = 1e-4  # fp32: the interpreter has no bf16 products
+TOL_F16 = 2e-3  # "f16c-" cases: fp16 products and an fp16 output (its rounding alone ~2.5e-4)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -26,6 +27,7 @@ def test_triton_kernels_interpret():
                      capture_output=True, text=True, timeout=900, cwd=HERE.parent)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.strip().splitlines()[-1])
-  assert len(res) >= 30, res
-  bad = {k: v for k, v in res.items() if not (isinstance(v, float) and v < TOL)}
+  assert len(res) >= 30 and sum(k.startswith("f16c-") for k in res) >= 10, res
+  tol = lambda name: TOL_F16 if name.startswith("f16c-") else TOL
+  bad = {k: v for k, v in res.items() if not (isinstance(v, float) and v < tol(k))}
   assert not bad, f"kernels off the reference (relative error, or the error raised): {bad}"

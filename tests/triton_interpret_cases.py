@@ -71,16 +71,16 @@ def parts(x):
   return tt(*kv_parts(x, jnp.float32))
 
 
-def case_full_decode(bits, h, g, d):
+def case_full_decode(bits, h, g, d, dt=jnp.float32):
   b, s = 3, 150
   lens = jnp.asarray([150, 1, 77], jnp.int32)
   q = rnd((b, 1, h, g, d))
   k, v = store(rnd((b, s, h, d)), bits), store(rnd((b, s, h, d)), bits, 1)
   q_pos = (lens - 1)[:, None]
-  split, comb = kd.full_decode_plans(q.shape, k.shape, jnp.float32, bits=pair(k, v))
+  split, comb = kd.full_decode_plans(q.shape, k.shape, dt, bits=pair(k, v))
   op, mp, lp = split.torch(*tt(q), *parts(k), *parts(v), *tt(q_pos, lens))
   (out,) = comb.torch(op, mp, lp)
-  return rel(out.numpy(), reference.full_chunk_attention(q, k, v, q_pos, lens))
+  return rel(out.float().numpy(), reference.full_chunk_attention(q, k, v, q_pos, lens))
 
 
 def _stream_inputs(bits, b, t, h, g, d, start):
@@ -94,20 +94,20 @@ def _stream_inputs(bits, b, t, h, g, d, start):
   return q, slot_k, slot_v, pos, valid, k, v, q_pos
 
 
-def case_stream_decode(bits, h, g, d):
+def case_stream_decode(bits, h, g, d, dt=jnp.float32):
   start = jnp.asarray([0, 3, 40], jnp.int32)
   n_valid = jnp.asarray([1, 1, 0], jnp.int32)  # a row with no new token sees only its slots
   q, sk, sv, pos, valid, k, v, q_pos = _stream_inputs(bits, 3, 1, h, g, d, start)
-  plan = kd.stream_decode_plan(q.shape, sk.shape, jnp.float32, SINK, RECENT, bits=pair(sk, sv))
+  plan = kd.stream_decode_plan(q.shape, sk.shape, dt, SINK, RECENT, bits=pair(sk, sv))
   (out,) = plan.torch(*tt(q), *parts(sk), *parts(sv), *tt(kd.slot_positions(pos, valid)),
                       *parts(k), *parts(v), *tt(q_pos, n_valid))
   want = reference.streaming_chunk_attention(q, sk, sv, pos, valid, k, v, q_pos, n_valid, SINK,
                                              RECENT)
   keep = np.asarray(n_valid > 0) | np.asarray(valid.any(1))  # rows that see some key
-  return rel(out.numpy()[keep], np.asarray(want)[keep])
+  return rel(out.float().numpy()[keep], np.asarray(want)[keep])
 
 
-def case_duo_decode(bits, hr, hs, g, d):
+def case_duo_decode(bits, hr, hs, g, d, dt=jnp.float32):
   b, s = 3, 130
   start = jnp.asarray([129, 0, 60], jnp.int32)
   n_valid = jnp.ones((b,), jnp.int32)
@@ -120,7 +120,7 @@ def case_duo_decode(bits, hr, hs, g, d):
   kc = kc.at[rows, start].set(k_new[:, 0, :hr])  # the new token already in the cache
   vc = vc.at[rows, start].set(v_new[:, 0, :hr])
   kc, vc, kn, vn = (store(x, bits, i) for x, i in ((kc, 0), (vc, 1), (k_new, 0), (v_new, 1)))
-  split, comb = kd.duo_decode_plans(q.shape, kc.shape, sk.shape, jnp.float32, SINK, RECENT,
+  split, comb = kd.duo_decode_plans(q.shape, kc.shape, sk.shape, dt, SINK, RECENT,
                                     bits=pair(kc, vc))
   op, mp, lp = split.torch(*tt(q), *parts(kc), *parts(vc), *tt(q_pos, start + n_valid),
                            *parts(sk), *parts(sv), *tt(kd.slot_positions(pos, valid)),
@@ -131,10 +131,10 @@ def case_duo_decode(bits, hr, hs, g, d):
       reference.full_chunk_attention(q[:, :, :hr], kc, vc, q_pos, start + n_valid),
       reference.streaming_chunk_attention(q[:, :, hr:], sk, sv, pos, valid, sl(kn, hr, h),
                                           sl(vn, hr, h), q_pos, n_valid, SINK, RECENT)], axis=2)
-  return rel(out.numpy(), want)
+  return rel(out.float().numpy(), want)
 
 
-def case_full_chunk(bits, h, g, d, partial=False):
+def case_full_chunk(bits, h, g, d, partial=False, dt=jnp.float32):
   b, t, s = 2, 5, 90
   start = jnp.asarray([37, 0], jnp.int32)
   n_valid = jnp.asarray([5, 3], jnp.int32)
@@ -142,30 +142,30 @@ def case_full_chunk(bits, h, g, d, partial=False):
   k, v = store(rnd((b, s, h, d)), bits), store(rnd((b, s, h, d)), bits, 1)
   q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   kv_len = start + n_valid
-  plan = kp.full_chunk_plan(q.shape, k.shape, jnp.float32, partial=partial, bits=pair(k, v))
+  plan = kp.full_chunk_plan(q.shape, k.shape, dt, partial=partial, bits=pair(k, v))
   res = plan.torch(*tt(q), *parts(k), *parts(v), *tt(q_pos, kv_len))
   want = np.asarray(reference.full_chunk_attention(q, k, v, q_pos, kv_len))
   if partial:  # acc / l is the output
     acc, _, l = (r.numpy() for r in res)
     out = acc / np.maximum(l, 1e-30)[..., None]
   else:
-    out = res[0].numpy()
+    out = res[0].float().numpy()
   valid = np.arange(t)[None, :] < np.asarray(n_valid)[:, None]
   return rel(out[valid], want[valid])
 
 
-def case_stream_chunk(bits, h, g, d):
+def case_stream_chunk(bits, h, g, d, dt=jnp.float32):
   b, t = 2, 20
   start = jnp.asarray([0, 31], jnp.int32)
   n_valid = jnp.asarray([20, 17], jnp.int32)
   q, sk, sv, pos, valid, k, v, q_pos = _stream_inputs(bits, b, t, h, g, d, start)
-  plan = kp.stream_chunk_plan(q.shape, sk.shape, jnp.float32, SINK, RECENT, bits=pair(sk, sv))
+  plan = kp.stream_chunk_plan(q.shape, sk.shape, dt, SINK, RECENT, bits=pair(sk, sv))
   (out,) = plan.torch(*tt(q), *parts(sk), *parts(sv), *tt(kd.slot_positions(pos, valid)),
                       *parts(k), *parts(v), *tt(q_pos, n_valid))
   want = np.asarray(reference.streaming_chunk_attention(q, sk, sv, pos, valid, k, v, q_pos,
                                                         n_valid, SINK, RECENT))
   keep = np.arange(t)[None, :] < np.asarray(n_valid)[:, None]
-  return rel(out.numpy()[keep], want[keep])
+  return rel(out.float().numpy()[keep], want[keep])
 
 
 def cases():
@@ -205,7 +205,68 @@ def cases():
           fold, case_stream_decode, bits, 2, 3, 32)
       out[f"duo_decode-{tag}-b{bits}"] = lambda bits=bits, fold=fold: with_fold(
           fold, case_duo_decode, bits, 2, 1, 3, 32)
-  return out
+  # fp16 codes (`_scan_codes`, the default for a bf16 / fp16 q): fp16 products, so these
+  # carry fp16's tolerance (the test's TOL_F16); GQA, MHA with D 48 (per-lane codes), int4
+  # halves, k8v4, streaming and the fused duo launch, q large enough to need qshift
+  f16 = jnp.float16
+  for bits in (8, 4, k8v4):
+    tag = "k8v4" if bits == k8v4 else f"b{bits}"
+    for h, g, d in ((2, 4, 64), (3, 1, 48)):
+      out[f"f16c-full_decode-{tag}-h{h}g{g}d{d}"] = lambda bits=bits, h=h, g=g, d=d: \
+          case_full_decode(bits, h, g, d, f16)
+    out[f"f16c-stream_decode-{tag}"] = lambda bits=bits: case_stream_decode(bits, 2, 3, 32, f16)
+    out[f"f16c-duo_decode-{tag}"] = lambda bits=bits: case_duo_decode(bits, 2, 1, 3, 32, f16)
+    for h, g, d in ((2, 4, 64), (3, 1, 48)):
+      out[f"f16c-full_chunk-{tag}-h{h}g{g}d{d}"] = lambda bits=bits, h=h, g=g, d=d: \
+          case_full_chunk(bits, h, g, d, dt=f16)
+    out[f"f16c-stream_chunk-{tag}"] = lambda bits=bits: case_stream_chunk(bits, 2, 2, 32, f16)
+  out["f16c-full_decode-b4-bigq"] = lambda: with_q_scale(3e4, case_full_decode, 4, 2, 4, 64, f16)
+  # each choice of nibble halves (decode.NIBBLE_HALVES: keys, values, both, neither)
+  for halves in ("k", "v", "kv", ""):
+    out[f"f16c-full_decode-b4-halves{halves or '-none'}"] = lambda halves=halves: with_halves(
+        halves, case_full_decode, 4, 2, 4, 64, f16)
+    out[f"f16c-duo_decode-k8v4-halves{halves or '-none'}"] = lambda halves=halves: with_halves(
+        halves, case_duo_decode, k8v4, 2, 1, 3, 32, f16)
+  out["f16c-full_chunk_partial-k8v4"] = lambda: case_full_chunk(k8v4, 2, 4, 64, True, f16)
+  out["f16c-full_chunk-b8-bigq"] = lambda: with_q_scale(3e4, case_full_chunk, 8, 2, 4, 64,
+                                                        False, f16)
+  # the fp16-code path whatever each kernel's default (int8, k8v4 and the chunks have it off)
+  return {k: (lambda f=f: f16_on(f)) if k.startswith("f16c-") else f for k, f in out.items()}
+
+
+def f16_on(case):
+  """`case()` with every quantised config's f16_codes on (decode and prefill kernels)."""
+  cfgs = [*kd.QUANT_DECODE_CONFIG.values(), kp.FULL_CHUNK_CONFIG, kp.STREAM_CHUNK_CONFIG]
+  saved = [dict(c) for c in cfgs]
+  for c in cfgs:
+    c["f16_codes"] = True
+  try:
+    return case()
+  finally:
+    for c, old in zip(cfgs, saved):
+      c.clear()
+      c.update(old)
+
+
+def with_halves(halves, case, *args):
+  """`case` with the fp16-code kernels reading int4 buffers as nibble halves for `halves`."""
+  saved = kd.NIBBLE_HALVES
+  kd.NIBBLE_HALVES = halves
+  try:
+    return case(*args)
+  finally:
+    kd.NIBBLE_HALVES = saved
+
+
+def with_q_scale(scale, case, *args):
+  """`case` with queries `scale` times larger (|q| past fp16's 2^14 guard: qshift > 1)."""
+  global rnd
+  plain = rnd
+  rnd = lambda shape: plain(shape) * (scale if len(shape) == 5 else 1.0)
+  try:
+    return case(*args)
+  finally:
+    rnd = plain
 
 
 def with_fold(fold, case, *args):

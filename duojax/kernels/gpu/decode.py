@@ -49,8 +49,22 @@ DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs": 264
 # 593 -> 490 us (1.8x its floor). int4 was 824 -> 714 us (528 programs) when each lane
 # picked its nibble; with `_scan_nibbles` (each byte loaded once) its default is 529 us
 # and block_n 128 is 482 us, 3.4x its floor (infer/results/h200-2026-12-03-late/).
-QUANT_DECODE_CONFIG: dict[int, dict] = {8: {"block_n": 128, "fold_scales": True},
-                                        4: {"block_n": 128}}
+# fp16 codes ("f16_codes", `_scan_codes`): a tile's codes become fp16 integers by their bit
+# pattern, with no int -> float convert, and go into fp16 products with the scales and
+# zeros folded around them. Built on the guess that the converts (a quarter of the FMA
+# rate on Hopper) bound the int4 tile; timed on an H100 (infer/results/h100-2026-12-07-eve/)
+# they bind it less than that: in the model (duo 0.5, Llama-3-8B shape, 32K) int4 at batch
+# 16 went 17.14 -> 14.98 ms/token, at batch 1 7.41 -> 7.64; k8v4 got slower (17.87 ->
+# 18.45, 7.57 -> 7.65) and so did int8 in the kernel (498 -> 585 us at 1M). So it is on for
+# int4 only. NIBBLE_HALVES: which int4 buffers it reads as nibble halves (keys and values:
+# 449 us at 1M, 240 us at batch 16 x 32K; values only 638 / 429). A mixed cache (k8v4, its
+# (key, value) pair) has an entry of its own; otherwise the narrower width's applies.
+QUANT_DECODE_CONFIG: dict[int | tuple[int, int], dict] = {
+    8: {"block_n": 128, "fold_scales": True, "f16_codes": False},
+    4: {"block_n": 128, "f16_codes": True},
+    (8, 4): {"block_n": 128, "f16_codes": False}}
+F16_CODES_DEFAULT = True  # for a config without the key (bench flags switch it off)
+NIBBLE_HALVES = "kv"
 STREAM_DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 
 LOG2E = 1.4426950408889634
@@ -166,6 +180,121 @@ def _load_nibbles(p, sp, zp, n, nmask, SROW: tl.constexpr, SSROW: tl.constexpr,
 
 
 @triton.jit
+def _f16_codes(code):
+  """int32 codes in [-128, 1023 - 128] (int8's [-128, 127], int4's [0, 15]) -> the same
+  integers in fp16, exactly, by bit pattern: 0x6400 + m is the fp16 1024 + m for m in [0,
+  1024), so code + 0x6480 reads as 1152 + code, and the subtraction is exact. Integer adds
+  and a truncation replace the quarter-rate int -> float convert."""
+  return (code + 0x6480).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
+
+
+@triton.jit
+def _load_nibble_codes(p, n, nmask, SROW: tl.constexpr, HD: tl.constexpr):
+  """Rows n [N] of an int4 buffer as the codes of its two halves [N, HD] in fp16 (exact;
+  `_f16_codes`), each byte loaded once: low nibbles hold elements [0, D/2), high ones
+  [D/2, D) (duojax/kv_quant.py)."""
+  offs = tl.arange(0, HD)
+  raw = tl.load(p + n[:, None] * SROW + offs[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+  return _f16_codes(raw & 15), _f16_codes(raw >> 4)
+
+
+@triton.jit
+def f16_query(q):
+  """q [R, BD] -> (q16, qshift, qsum): q in fp16 for products with fp16 codes, scaled by a
+  power of two qshift (1 unless some |q| exceeds 2^14: fp16 stops at 65504) that the
+  logits multiply back; qsum [R] = sum of each row in fp32 (what a zero point adds)."""
+  qf = q.to(tl.float32)
+  qmax = tl.max(tl.max(tl.abs(qf), 1), 0)
+  qshift = tl.where(qmax > 16384.0, tl.exp2(tl.ceil(tl.log2(qmax / 16384.0))), 1.0)
+  return (qf / qshift).to(tl.float16), qshift, tl.sum(qf, 1)
+
+
+@triton.jit
+def codes_tile_f16(p, n, nmask, SROW: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                   BITS: tl.constexpr):
+  """Rows n [N] of int8 / int4 codes as [N, BD] fp16 integers (0 where masked)."""
+  return _f16_codes(load_codes(p, n, nmask, SROW, D, BD, BITS))
+
+
+@triton.jit
+def fold_logits(s, ksp, kzp, n, nmask, SSS: tl.constexpr, qshift, qsum):
+  """q16 . codes [R, N] -> the logits q . (code * scale + zero): s * qshift * scale +
+  qsum * zero per key n (scales and zeros fp32, row stride SSS)."""
+  ks = tl.load(ksp + n * SSS, mask=nmask, other=0.0)
+  kz = tl.load(kzp + n * SSS, mask=nmask, other=0.0)
+  return s * (ks * qshift)[None, :] + qsum[:, None] * kz[None, :]
+
+
+@triton.jit
+def fold_weights(p, vsp, vzp, n, nmask, SSS: tl.constexpr):
+  """Softmax weights p [R, N] -> (p16, vmax, zterm): p @ (code * scale + zero) = vmax *
+  (p16 @ codes) + zterm, with p16 = p * scale / vmax in fp16 (vmax, the tile's largest
+  scale, keeps p16 in [0, 1], clear of fp16's underflow) and zterm [R, 1] = p . zero."""
+  vs = tl.load(vsp + n * SSS, mask=nmask, other=0.0)
+  vz = tl.load(vzp + n * SSS, mask=nmask, other=0.0)
+  vmax = tl.maximum(tl.max(vs, 0), 1e-30)
+  p16 = (p * (vs / vmax)[None, :]).to(tl.float16)
+  return p16, vmax, tl.sum(p * vz[None, :], 1)[:, None]
+
+
+@triton.jit
+def _scan_codes(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
+                SKS: tl.constexpr, SVS: tl.constexpr, SSS: tl.constexpr, D: tl.constexpr,
+                BD: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+                BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr, STREAM: tl.constexpr,
+                SINK: tl.constexpr, RECENT: tl.constexpr, F16C: tl.constexpr):
+  """`_scan` over a quantised cache with fp16 codes (`_f16_codes`; F16C): the codes go into
+  fp16 products as they are and the scales and zeros are applied around them
+  (`fold_logits`, `fold_weights`). F16C's bits 2 / 4: int4 keys / values (power-of-two
+  head dim) are read as their two nibble halves (`_scan_nibbles`' layout: q split for the
+  keys, the accumulator for the values), each byte loaded once; otherwise through
+  `load_codes`, each byte by the two lanes that use it (`f16_codes` says which is used)."""
+  GP: tl.constexpr = q.shape[0]
+  HD: tl.constexpr = BD // 2
+  KH: tl.constexpr = (F16C & 2) != 0 and KBITS == 4 and BD == D and D >= 32
+  VH: tl.constexpr = (F16C & 4) != 0 and VBITS == 4 and BD == D and D >= 32
+  q16, qshift, qsum = f16_query(q)
+  q_lo, q_hi = _halves(q16, GP, BD)
+  acc_lo = tl.zeros([GP, HD], tl.float32)
+  acc_hi = tl.zeros([GP, HD], tl.float32)
+  acc_w = tl.zeros([GP, BD], tl.float32)
+  m0 = m_i
+  offs_n = tl.arange(0, BLOCK_N)
+  for start in range(lo, hi, BLOCK_N):
+    vis = _visible(start + offs_n, hi, pos_ptr, qpos, STREAM, SINK, RECENT)
+    if KH:
+      k_lo, k_hi = _load_nibble_codes(kp, offs_n, vis, SKS, HD)
+      s = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
+    else:
+      s = tl.dot(q16, tl.trans(codes_tile_f16(kp, offs_n, vis, SKS, D, BD, KBITS)))
+    s = fold_logits(s, ksp, kzp, offs_n, vis, SSS, qshift, qsum)
+    m_new, alpha, p, l_i = _online_softmax(s, vis, m_i, l_i, QK_SCALE)
+    p16, vmax, zterm = fold_weights(p, vsp, vzp, offs_n, vis, SSS)
+    if VH:
+      v_lo, v_hi = _load_nibble_codes(vp, offs_n, vis, SVS, HD)
+      acc_lo = acc_lo * alpha[:, None] + tl.dot(p16, v_lo) * vmax + zterm
+      acc_hi = acc_hi * alpha[:, None] + tl.dot(p16, v_hi) * vmax + zterm
+    else:
+      acc_w = (acc_w * alpha[:, None]
+               + tl.dot(p16, codes_tile_f16(vp, offs_n, vis, SVS, D, BD, VBITS)) * vmax + zterm)
+    m_i = m_new
+    kp += BLOCK_N * SKS
+    vp += BLOCK_N * SVS
+    ksp += BLOCK_N * SSS
+    kzp += BLOCK_N * SSS
+    vsp += BLOCK_N * SSS
+    vzp += BLOCK_N * SSS
+  # the incoming state, rescaled to the final max (the product of the alphas); 0 if empty
+  m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+  keep = tl.where(m0 == float("-inf"), 0.0, tl.exp2(m0 - m_fin))
+  if VH:
+    acc = acc * keep[:, None] + _unhalve(acc_lo, acc_hi, GP, BD)
+  else:
+    acc = acc * keep[:, None] + acc_w
+  return m_i, l_i, acc
+
+
+@triton.jit
 def _scan_nibbles(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
                   SKS: tl.constexpr, SVS: tl.constexpr, SSS: tl.constexpr, BD: tl.constexpr,
                   KBITS: tl.constexpr, BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr,
@@ -228,7 +357,8 @@ def _scan(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
           SKS: tl.constexpr, SVS: tl.constexpr, SSS: tl.constexpr, D: tl.constexpr,
           BD: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_N: tl.constexpr,
           QK_SCALE: tl.constexpr, IEEE: tl.constexpr, STREAM: tl.constexpr,
-          SINK: tl.constexpr, RECENT: tl.constexpr, FOLD: tl.constexpr = False):
+          SINK: tl.constexpr, RECENT: tl.constexpr, FOLD: tl.constexpr = False,
+          F16C: tl.constexpr = False):
   """Online softmax of q [GP, BD] over keys [lo, hi) at kp / vp (pointing at key lo;
   ksp ... vzp their scales and zeros when quantised, row stride SSS). KBITS / VBITS: the
   keys' and the values' bits (0 plain, 8, 4; k8v4 caches mix 8 and 4; 0 goes with 0).
@@ -241,9 +371,14 @@ def _scan(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
   FOLD the scales and zeros move out of them instead, so the codes are only converted:
   q . (c s + z) = s (q . c) + z sum(q) per key, and p @ (c s + z) = (p s) @ c + p . z
   (codes are exact in bf16): measured faster for int8 (QUANT_DECODE_CONFIG), slower for
-  int4. int4 values with a power-of-two head dim take `_scan_nibbles` (unless FOLD).
+  int4. int4 values with a power-of-two head dim take `_scan_nibbles` (unless FOLD). F16C
+  (a quantised cache, q in bf16 / fp16): `_scan_codes`, which supersedes both.
   """
-  if VBITS == 4 and KBITS > 0 and BD == D and D >= 32 and not FOLD:
+  if F16C:
+    m_i, l_i, acc = _scan_codes(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i,
+                                acc, SKS, SVS, SSS, D, BD, KBITS, VBITS, BLOCK_N, QK_SCALE,
+                                STREAM, SINK, RECENT, F16C)
+  elif VBITS == 4 and KBITS > 0 and BD == D and D >= 32 and not FOLD:
     m_i, l_i, acc = _scan_nibbles(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i,
                                   l_i, acc, SKS, SVS, SSS, BD, KBITS, BLOCK_N, QK_SCALE, IEEE,
                                   STREAM, SINK, RECENT)
@@ -356,7 +491,7 @@ def _full_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, OP, MP, LP,
                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                         BD: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
                         NS: tl.constexpr, BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr,
-                        IEEE: tl.constexpr, FOLD: tl.constexpr):
+                        IEEE: tl.constexpr, FOLD: tl.constexpr, F16C: tl.constexpr):
   """K / V: plain values, or (KBITS / VBITS > 0) codes with per-row scales and zeros KS, KZ,
   VS, VZ (strides SC*; for a plain cache they repeat K / V and are never read). V's strides
   SV* differ from K's when their bits do (k8v4)."""
@@ -373,7 +508,7 @@ def _full_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, OP, MP, LP,
   acc = tl.zeros([GP, BD], tl.float32)
   m_i, l_i, acc = _scan(q, K + off, KS + soff, KZ + soff, V + voff, VS + soff, VZ + soff, lo,
                         hi, QPOS, 0, m_i, l_i, acc, SKS, SVS, SCS, D, BD, KBITS, VBITS, BLOCK_N,
-                        QK_SCALE, IEEE, False, 0, 0, FOLD)
+                        QK_SCALE, IEEE, False, 0, 0, FOLD, F16C)
   _store_partial(OP, MP, LP, ((b * H + h) * NS + split) * G, m_i, l_i, acc, G, GP, D, BD)
 
 
@@ -395,7 +530,7 @@ def _duo_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SK, SKS_, SKZ, SV, 
                        BLOCK_N: tl.constexpr,
                        SBLOCK_N: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
                        QK_SCALE: tl.constexpr, IEEE: tl.constexpr,
-                       FOLD: tl.constexpr):
+                       FOLD: tl.constexpr, F16C: tl.constexpr):
   """One launch for a DuoAttention layer: programs [0, NS * HR) are the retrieval
   heads' splits over the full cache, programs [NS * HR, NS * HR + HS) the streaming
   heads over sink + ring + the new token. All write partials; `_combine_kernel`
@@ -416,7 +551,7 @@ def _duo_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SK, SKS_, SKZ, SV, 
     soff = b.to(tl.int64) * SCB + h * SCH + lo.to(tl.int64) * SCS
     m_i, l_i, acc = _scan(q, K + off, KS + soff, KZ + soff, V + voff, VS + soff, VZ + soff, lo,
                           hi, QPOS, 0, m_i, l_i, acc, SKS, SVS, SCS, D, BD, KBITS, VBITS,
-                          BLOCK_N, QK_SCALE, IEEE, False, 0, 0, FOLD)
+                          BLOCK_N, QK_SCALE, IEEE, False, 0, 0, FOLD, F16C)
     _store_partial(OP, MP, LP, ((b * (HR + HS) + h) * NS + split) * G, m_i, l_i, acc, G, GP, D,
                    BD)
   else:
@@ -430,7 +565,7 @@ def _duo_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SK, SKS_, SKZ, SV, 
     m_i, l_i, acc = _scan(q, SK + off, SKS_ + soff, SKZ + soff, SV + voff, SVS_ + soff,
                           SVZ + soff, 0, W, SPOS + b * W, qpos, m_i, l_i, acc, SSW, SSVW, SSCW,
                           D, BD, KBITS, VBITS, SBLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT,
-                          FOLD)
+                          FOLD, F16C)
     nb = b.to(tl.int64) * SNB + h * SNH
     nvb = b.to(tl.int64) * SNVB + h * SNVH
     ns = b.to(tl.int64) * SNCB + h * SNCH
@@ -483,7 +618,7 @@ def _stream_decode_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, KN, KNS, KNZ, V
                           KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_N: tl.constexpr,
                           SINK: tl.constexpr,
                           RECENT: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr,
-                          FOLD: tl.constexpr):
+                          FOLD: tl.constexpr, F16C: tl.constexpr):
   h = tl.program_id(0)
   b = tl.program_id(1)
   qpos = tl.load(QPOS + b)
@@ -496,7 +631,7 @@ def _stream_decode_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, KN, KNS, KNZ, V
   soff = b.to(tl.int64) * SSCB + h * SSCH
   m_i, l_i, acc = _scan(q, SK + off, SKS_ + soff, SKZ + soff, SV + voff, SVS_ + soff, SVZ + soff,
                         0, W, SPOS + b * W, qpos, m_i, l_i, acc, SSW, SSVW, SSCW, D, BD, KBITS,
-                        VBITS, BLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT, FOLD)
+                        VBITS, BLOCK_N, QK_SCALE, IEEE, True, SINK, RECENT, FOLD, F16C)
   nb = b.to(tl.int64) * SNB + h * SNH
   nvb = b.to(tl.int64) * SNVB + h * SNVH
   ns = b.to(tl.int64) * SNCB + h * SNCH
@@ -523,17 +658,33 @@ def bit_pair(bits) -> tuple[int, int]:
 def decode_config(bits, cfg=None) -> dict:
   """The split-K kernel's tuning for a cache of `bits` (0: plain; a (key, value) pair for
   k8v4): `cfg` when given, else DECODE_CONFIG with the quantised overrides of
-  QUANT_DECODE_CONFIG, those of the narrower buffer for a mixed cache (its tiles cost the
-  most to convert)."""
+  QUANT_DECODE_CONFIG: a mixed cache's own entry (its (key, value) pair) when there is one,
+  else the narrower buffer's (its tiles cost the most to convert)."""
   if cfg is not None:
     return cfg
   kb, vb = bit_pair(bits)
-  return {**DECODE_CONFIG, **QUANT_DECODE_CONFIG.get(min(kb, vb), {})} if kb else DECODE_CONFIG
+  if not kb:
+    return DECODE_CONFIG
+  over = QUANT_DECODE_CONFIG.get((kb, vb)) if kb != vb else None
+  return {**DECODE_CONFIG, **(over if over is not None else
+                              QUANT_DECODE_CONFIG.get(min(kb, vb), {}))}
 
 
 def _fold(bits, cfg) -> bool:
   """Fold the scales out of the products (see `_scan`): only for a quantised cache."""
   return bool(bit_pair(bits)[0]) and bool(cfg.get("fold_scales", False))
+
+
+def f16_codes(bits, cfg, dtype) -> int:
+  """The F16C constant: 0 off; else 1 (fp16 codes, `_scan_codes`) | 2 (int4 keys read as
+  nibble halves) | 4 (int4 values so). On for a quantised cache read with a bf16 / fp16 q
+  unless `cfg` turns "f16_codes" off (fp32 keeps the exact dequantise-then-multiply path);
+  cfg's "nibble_halves" ("k", "v", "kv" or "") picks the halves, default NIBBLE_HALVES."""
+  if not (bit_pair(bits)[0] and dtype_name(dtype) in ("bfloat16", "float16")
+          and cfg.get("f16_codes", F16_CODES_DEFAULT)):
+    return 0
+  halves = cfg.get("nibble_halves", NIBBLE_HALVES)
+  return 1 | (2 if "k" in halves else 0) | (4 if "v" in halves else 0)
 
 
 def n_splits(b: int, h: int, s: int, cfg=None) -> int:
@@ -564,7 +715,7 @@ def full_decode_plans(q_shape, k_shape, dtype, cfg=None, bits=0):
            SVS=sv[1], SVH=sv[2], SCB=sc[0], SCS=sc[1], SCH=sc[2], H=h, G=g, GP=gp, D=d, BD=bd,
            KBITS=kb, VBITS=vb, NS=ns,
            BLOCK_N=cfg["block_n"], QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=ieee,
-           FOLD=_fold(bits, cfg)),
+           FOLD=_fold(bits, cfg), F16C=f16_codes(bits, cfg, dtype)),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
   return split, _combine_plan(q_shape, dtype, h, ns)
 
@@ -607,7 +758,7 @@ def duo_decode_plans(q_shape, k_shape, slot_shape, dtype, sink, recent, cfg=None
            BD=max(16, next_pow2(d)), KBITS=kb, VBITS=vb, NS=ns,
            BLOCK_N=cfg["block_n"], SBLOCK_N=scfg["block_n"], SINK=int(sink), RECENT=int(recent),
            QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32",
-           FOLD=_fold(bits, cfg)),
+           FOLD=_fold(bits, cfg), F16C=f16_codes(bits, cfg, dtype)),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
   return split, _combine_plan(q_shape, dtype, hr, ns)
 
@@ -630,7 +781,7 @@ def stream_decode_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None, bits=
            GP=max(16, next_pow2(g)), D=d, BD=max(16, next_pow2(d)), KBITS=kb, VBITS=vb,
            BLOCK_N=cfg["block_n"], SINK=int(sink), RECENT=int(recent),
            QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32",
-           FOLD=_fold(bits, decode_config(bits))),
+           FOLD=_fold(bits, decode_config(bits)), F16C=f16_codes(bits, decode_config(bits), dtype)),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 

@@ -28,31 +28,57 @@ import triton
 import triton.language as tl
 
 from duojax.kernels.gpu import tokamax_chunk
-from duojax.kernels.gpu.decode import LOG2E, bit_pair, load_kv, compute_dtype, slot_positions
+from duojax.kernels.gpu.decode import (LOG2E, bit_pair, codes_tile_f16, compute_dtype, f16_codes,
+                                       f16_query, fold_logits, fold_weights, load_kv,
+                                       slot_positions)
 from duojax.kernels.gpu.launch import (Launch, cdiv, dtype_name, kv_bits, kv_parts, kv_strides,
                                        next_pow2, strides)
 
 # Tuning (H100, bf16, D = 128): 483-491 TFLOP/s for a 4096-token chunk over a 32K-128K
 # prefix (infer/bench_kernels.py). BLOCK_M rows = tokens x G.
-FULL_CHUNK_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
-STREAM_CHUNK_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
+# f16_codes (decode.py's fp16 codes with the scales folded around the products) is off for
+# the chunks: measured slower, an int4 duo 0.5 prefill to 128K took 19.95 s with it and
+# 13.36 s without on an H100 (infer/results/h100-2026-12-07-eve/); compiled for sm_90 it
+# spills more (infer/kernel_resources.py).
+FULL_CHUNK_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3,
+                     "f16_codes": False}
+STREAM_CHUNK_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2,
+                       "f16_codes": False}
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, kp, ksp, kzp, vp, vsp, vzp, n, kmask, vis, SKS: tl.constexpr,
-                  SVS: tl.constexpr, SSS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                  KBITS: tl.constexpr, VBITS: tl.constexpr, QK_SCALE: tl.constexpr,
-                  IEEE: tl.constexpr, MASKED: tl.constexpr):
+def _query(q, F16C: tl.constexpr):
+  """q as `_attend_block` takes it: (q16, qshift, qsum) of `decode.f16_query` with F16C,
+  else (q, 1, 0)."""
+  if F16C:
+    q16, qshift, qsum = f16_query(q)
+  else:
+    q16, qshift, qsum = q, 1.0, tl.zeros([q.shape[0]], tl.float32)
+  return q16, qshift, qsum
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, qshift, qsum, kp, ksp, kzp, vp, vsp, vzp, n, kmask, vis,
+                  SKS: tl.constexpr, SVS: tl.constexpr, SSS: tl.constexpr, D: tl.constexpr,
+                  BD: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+                  QK_SCALE: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
+                  F16C: tl.constexpr):
   """One key block: online-softmax update of (acc, m_i, l_i). kp/vp point at the
   block's first key (row strides SKS / SVS; ksp ... vzp at its scales and zeros when
   quantised: KBITS / VBITS > 0, row stride SSS); n [BLOCK_N] its in-block offsets; kmask
   [BLOCK_N] keys that exist; vis [BLOCK_M, BLOCK_N] the visibility mask (only used when
-  MASKED)."""
-  k = load_kv(kp, ksp, kzp, n, kmask, SKS, SSS, D, BD, KBITS).to(q.dtype)
-  if IEEE:
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * QK_SCALE
+  MASKED). F16C: q, qshift, qsum from `_query`, and the codes go into fp16 products with
+  the scales and zeros folded around them (decode.py's `_scan_codes`); else qshift and
+  qsum are unused and quantised tiles are dequantised first."""
+  if F16C:
+    s = tl.dot(q, tl.trans(codes_tile_f16(kp, n, kmask, SKS, D, BD, KBITS)))
+    s = fold_logits(s, ksp, kzp, n, kmask, SSS, qshift, qsum) * QK_SCALE
   else:
-    s = tl.dot(q, tl.trans(k)) * QK_SCALE
+    k = load_kv(kp, ksp, kzp, n, kmask, SKS, SSS, D, BD, KBITS).to(q.dtype)
+    if IEEE:
+      s = tl.dot(q, tl.trans(k), input_precision="ieee") * QK_SCALE
+    else:
+      s = tl.dot(q, tl.trans(k)) * QK_SCALE
   if MASKED:
     s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -62,11 +88,16 @@ def _attend_block(acc, m_i, l_i, q, kp, ksp, kzp, vp, vsp, vzp, n, kmask, vis, S
   alpha = tl.exp2(m_i - m_new)
   p = tl.exp2(s - m_new[:, None])
   l_i = l_i * alpha + tl.sum(p, 1)
-  v = load_kv(vp, vsp, vzp, n, kmask, SVS, SSS, D, BD, VBITS).to(q.dtype)
-  if IEEE:
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+  if F16C:
+    p16, vmax, zterm = fold_weights(p, vsp, vzp, n, kmask, SSS)
+    acc = (acc * alpha[:, None]
+           + tl.dot(p16, codes_tile_f16(vp, n, kmask, SVS, D, BD, VBITS)) * vmax + zterm)
   else:
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    v = load_kv(vp, vsp, vzp, n, kmask, SVS, SSS, D, BD, VBITS).to(q.dtype)
+    if IEEE:
+      acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+      acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
   return acc, m_new, l_i
 
 
@@ -96,7 +127,7 @@ def _full_chunk_tile(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN,
                      SCH: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                      BD: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr,
-                     IEEE: tl.constexpr):
+                     IEEE: tl.constexpr, F16C: tl.constexpr):
   """Program (m, h, b)'s tile over its visible keys: (acc, m_i, l_i) unnormalised (base 2;
   m_i = 0 where a row saw nothing, l_i = 0 there), with the tile's qoff and rmask.
   K / V plain, or codes with scales and zeros KS ... VZ (KBITS / VBITS > 0, strides SC*;
@@ -105,6 +136,7 @@ def _full_chunk_tile(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN,
   b = tl.program_id(2)
   q, tok, rmask, qoff = _q_tile(Q, tl.program_id(0), h, b, SQB, SQT, SQH, SQG, T, G, D, BD,
                                 BLOCK_M)
+  q, qshift, qsum = _query(q, F16C)
   offs_n = tl.arange(0, BLOCK_N)
   qpos = tl.load(QPOS + b * T + tok, mask=rmask, other=-1)
   kvl = tl.load(KVLEN + b)
@@ -124,9 +156,9 @@ def _full_chunk_tile(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN,
   all_keys = offs_n >= 0
   kp, ksp, kzp, vp, vsp, vzp = K + off, KS + soff, KZ + soff, V + voff, VS + soff, VZ + soff
   for start in range(0, free, BLOCK_N):
-    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kp, ksp, kzp, vp, vsp, vzp, offs_n, all_keys,
-                                  all_keys[None, :], SKS, SVS, SCS, D, BD, KBITS, VBITS,
-                                  QK_SCALE, IEEE, False)
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, qshift, qsum, kp, ksp, kzp, vp, vsp, vzp,
+                                  offs_n, all_keys, all_keys[None, :], SKS, SVS, SCS, D, BD,
+                                  KBITS, VBITS, QK_SCALE, IEEE, False, F16C)
     kp, vp = kp + BLOCK_N * SKS, vp + BLOCK_N * SVS
     ksp, kzp, vsp, vzp = (ksp + BLOCK_N * SCS, kzp + BLOCK_N * SCS, vsp + BLOCK_N * SCS,
                           vzp + BLOCK_N * SCS)
@@ -138,8 +170,9 @@ def _full_chunk_tile(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN,
     j = start + offs_n
     kmask = j < hi
     vis = (j[None, :] <= qpos[:, None]) & (j[None, :] < kvl)
-    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kp, ksp, kzp, vp, vsp, vzp, offs_n, kmask,
-                                  vis, SKS, SVS, SCS, D, BD, KBITS, VBITS, QK_SCALE, IEEE, True)
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, qshift, qsum, kp, ksp, kzp, vp, vsp, vzp,
+                                  offs_n, kmask, vis, SKS, SVS, SCS, D, BD, KBITS, VBITS,
+                                  QK_SCALE, IEEE, True, F16C)
     kp, vp = kp + BLOCK_N * SKS, vp + BLOCK_N * SVS
     ksp, kzp, vsp, vzp = (ksp + BLOCK_N * SCS, kzp + BLOCK_N * SCS, vsp + BLOCK_N * SCS,
                           vzp + BLOCK_N * SCS)
@@ -155,11 +188,11 @@ def _full_chunk_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, OUT,
                        SCH: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                        BD: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       IEEE: tl.constexpr, F16C: tl.constexpr):
   acc, m_i, l_i, qoff, rmask = _full_chunk_tile(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SQB, SQT,
                                                 SQH, SQG, SKB, SKS, SKH, SVB, SVS, SVH, SCB, SCS,
                                                 SCH, T, G, D, BD, KBITS, VBITS, BLOCK_M, BLOCK_N,
-                                                QK_SCALE, IEEE)
+                                                QK_SCALE, IEEE, F16C)
   offs_d = tl.arange(0, BD)
   out = acc / tl.maximum(l_i, 1e-30)[:, None]
   tl.store(OUT + qoff[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
@@ -175,13 +208,13 @@ def _full_chunk_partial_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, ACC, M, L,
                                SCH: tl.constexpr, T: tl.constexpr, G: tl.constexpr,
                                D: tl.constexpr, BD: tl.constexpr, KBITS: tl.constexpr,
                                VBITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+                               QK_SCALE: tl.constexpr, IEEE: tl.constexpr, F16C: tl.constexpr):
   """The same tile, stored unnormalised: ACC [B, T, H, G, D] (q's layout, so q's offsets),
   M / L [B, T, H, G] fp32 (offset qoff // SQG: q is contiguous, SQG = D)."""
   acc, m_i, l_i, qoff, rmask = _full_chunk_tile(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SQB, SQT,
                                                 SQH, SQG, SKB, SKS, SKH, SVB, SVS, SVH, SCB, SCS,
                                                 SCH, T, G, D, BD, KBITS, VBITS, BLOCK_M, BLOCK_N,
-                                                QK_SCALE, IEEE)
+                                                QK_SCALE, IEEE, F16C)
   offs_d = tl.arange(0, BD)
   tl.store(ACC + qoff[:, None] + offs_d[None, :], acc, mask=rmask[:, None] & (offs_d[None, :] < D))
   tl.store(M + qoff // SQG, m_i, mask=rmask)
@@ -202,7 +235,7 @@ def _stream_chunk_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, K, KS, KZ, V, VS
                          D: tl.constexpr, BD: tl.constexpr, KBITS: tl.constexpr,
                          VBITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          SINK: tl.constexpr, RECENT: tl.constexpr, QK_SCALE: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         IEEE: tl.constexpr, F16C: tl.constexpr):
   """Slots SK / SV and the chunk's K / V: plain, or (KBITS / VBITS > 0) codes with their
   scales and zeros (the chunk then read as the cache will hold it); values have their own
   strides (SSV*, SV*)."""
@@ -210,6 +243,7 @@ def _stream_chunk_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, K, KS, KZ, V, VS
   b = tl.program_id(2)
   q, tok, rmask, qoff = _q_tile(Q, tl.program_id(0), h, b, SQB, SQT, SQH, SQG, T, G, D, BD,
                                 BLOCK_M)
+  q, qshift, qsum = _query(q, F16C)
   offs_d = tl.arange(0, BD)
   offs_n = tl.arange(0, BLOCK_N)
   dmask = offs_d < D
@@ -231,9 +265,9 @@ def _stream_chunk_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, K, KS, KZ, V, VS
     dist = qpos[:, None] - kpos[None, :]
     vis = (dist >= 0) & ((kpos[None, :] < SINK) | (dist < RECENT)) & kmask[None, :]
     o, vo, sc = so + start * SSW, svo + start * SSVW, sso + start * SSCW
-    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, SK + o, SKS_ + sc, SKZ + sc, SV + vo,
-                                  SVS_ + sc, SVZ + sc, offs_n, kmask, vis, SSW, SSVW, SSCW, D, BD,
-                                  KBITS, VBITS, QK_SCALE, IEEE, True)
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, qshift, qsum, SK + o, SKS_ + sc, SKZ + sc,
+                                  SV + vo, SVS_ + sc, SVZ + sc, offs_n, kmask, vis, SSW, SSVW,
+                                  SSCW, D, BD, KBITS, VBITS, QK_SCALE, IEEE, True, F16C)
 
   # 2) the chunk's own keys: blocks holding sink positions, then the window band
   co, cso = b.to(tl.int64) * SKB + h * SKH, b.to(tl.int64) * SCB + h * SCH
@@ -252,9 +286,9 @@ def _stream_chunk_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, K, KS, KZ, V, VS
     dist = qpos[:, None] - kpos[None, :]
     vis = (dist >= 0) & ((kpos[None, :] < SINK) | (dist < RECENT)) & kmask[None, :]
     o, vo, sc = co + start * SKT, cvo + start * SVT, cso + start * SCT
-    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, K + o, KS + sc, KZ + sc, V + vo, VS + sc,
-                                  VZ + sc, offs_n, kmask, vis, SKT, SVT, SCT, D, BD, KBITS,
-                                  VBITS, QK_SCALE, IEEE, True)
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, qshift, qsum, K + o, KS + sc, KZ + sc,
+                                  V + vo, VS + sc, VZ + sc, offs_n, kmask, vis, SKT, SVT, SCT, D,
+                                  BD, KBITS, VBITS, QK_SCALE, IEEE, True, F16C)
   for start in range(band_lo, c_hi, BLOCK_N):
     j = start + offs_n
     kmask = j < c_hi
@@ -262,9 +296,9 @@ def _stream_chunk_kernel(Q, SK, SKS_, SKZ, SV, SVS_, SVZ, SPOS, K, KS, KZ, V, VS
     dist = qpos[:, None] - kpos[None, :]
     vis = (dist >= 0) & ((kpos[None, :] < SINK) | (dist < RECENT)) & kmask[None, :]
     o, vo, sc = co + start * SKT, cvo + start * SVT, cso + start * SCT
-    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, K + o, KS + sc, KZ + sc, V + vo, VS + sc,
-                                  VZ + sc, offs_n, kmask, vis, SKT, SVT, SCT, D, BD, KBITS,
-                                  VBITS, QK_SCALE, IEEE, True)
+    acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, qshift, qsum, K + o, KS + sc, KZ + sc,
+                                  V + vo, VS + sc, VZ + sc, offs_n, kmask, vis, SKT, SVT, SCT, D,
+                                  BD, KBITS, VBITS, QK_SCALE, IEEE, True, F16C)
   out = acc / tl.maximum(l_i, 1e-30)[:, None]
   tl.store(OUT + qoff[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
            mask=rmask[:, None] & dmask[None, :])
@@ -298,7 +332,7 @@ def full_chunk_plan(q_shape, k_shape, dtype, cfg=None, partial: bool = False, bi
            SVB=sv[0], SVS=sv[1], SVH=sv[2], SCB=sc[0], SCS=sc[1], SCH=sc[2], T=t, G=g, D=d,
            BD=max(16, next_pow2(d)), KBITS=kb, VBITS=vb,
            BLOCK_M=bm, BLOCK_N=cfg["block_n"], QK_SCALE=float(LOG2E / math.sqrt(d)),
-           IEEE=dtype_name(dtype) == "float32"),
+           IEEE=dtype_name(dtype) == "float32", F16C=f16_codes(bits, cfg, dtype)),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -321,7 +355,8 @@ def stream_chunk_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None, bits=0
            SCT=sc[1], SCH=sc[2], W=w, T=t, G=g, D=d, BD=max(16, next_pow2(d)), KBITS=kb,
            VBITS=vb,
            BLOCK_M=bm, BLOCK_N=cfg["block_n"], SINK=int(sink), RECENT=int(recent),
-           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32"),
+           QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32",
+           F16C=f16_codes(bits, cfg, dtype)),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
