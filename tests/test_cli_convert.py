@@ -133,3 +133,18 @@ def test_damaged_params_one_clear_line(tiny_ckpt, tmp_path):
   assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, r.stderr
   errors = [l for l in r.stderr.splitlines() if "error:" in l]
   assert len(errors) == 1 and "params cannot be read" in errors[0] and "convert again" in errors[0]
+
+
+def test_unretrieved_read_errors_are_dropped_and_nothing_else():
+  """The asyncio filter a failed restore installs drops the never-awaited sibling reads'
+  "Task exception was never retrieved" records (a ValueError each), no other record."""
+  import logging
+  from duojax.checkpoint import store
+  def record(msg, exc):
+    return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, (),
+                             (type(exc), exc, None) if exc else None)
+  assert not store._unretrieved_read_errors(
+      record("Task exception was never retrieved\nfuture: <Task ...>", ValueError("DATA_LOSS")))
+  assert store._unretrieved_read_errors(
+      record("Task exception was never retrieved", RuntimeError("other")))
+  assert store._unretrieved_read_errors(record("Unclosed client session", None))

@@ -13,7 +13,7 @@ def test_resources_of_a_decode_kernel():
   from infer import kernel_resources as kr
   r = kr.resources("full_decode", 4, None, 90)
   assert 32 <= r["reg"] <= 255 and r["stack"] >= 0, r
-  assert r["F16C"] == 1 | 4  # int4 defaults: fp16 codes, values read as nibble halves
+  assert r["F16C"] == 1 | 2 | 4  # int4 defaults: fp16 codes, keys and values as nibble halves
   off = kr.resources("full_decode", 4, {"f16_codes": False}, 90)
   assert off["F16C"] == 0
 

@@ -21,6 +21,7 @@ re-converts it (the embedded models' cached folders are re-created automatically
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -409,6 +410,17 @@ def _quiet_late_orbax_callbacks() -> None:
 
   unraisable._duojax_quiet = True
   sys.unraisablehook, sys.excepthook, threading.excepthook = unraisable, excepthook, thread_hook
+  logging.getLogger("asyncio").addFilter(_unretrieved_read_errors)
+
+
+def _unretrieved_read_errors(record) -> bool:
+  """A logging filter for asyncio: the sibling reads of a failed restore fail alike and, never
+  awaited once the first error is raised, are logged as "Task exception was never
+  retrieved" with their tensorstore ValueError (seen in CI, a page of it after our one
+  error line). The first of them is the error we report; drop those records, keep the rest."""
+  exc = record.exc_info[1] if record.exc_info else None
+  return not (str(record.msg).startswith("Task exception was never retrieved")
+              and isinstance(exc, ValueError))
 
 
 def load_tokenizer(folder: str | Path):
