@@ -1262,7 +1262,8 @@ def build_parser():
   ap.add_argument("--quant-decode-config", default=None,
                   help='quantised KV: the split-K decode kernel\'s tuning per code width, JSON '
                   'such as \'{"4": {"block_n": 128, "num_warps": 8}}\' (keys of DECODE_CONFIG; '
-                  'replaces QUANT_DECODE_CONFIG in duojax/kernels/gpu/decode.py for that width)')
+                  'replaces QUANT_DECODE_CONFIG in duojax/kernels/gpu/decode.py for that width; '
+                  '"k8v4" replaces the mixed cache\'s own entry)')
   ap.add_argument("--sync-every", type=int, default=None,
                   help="decode steps per check that every row stopped (engine.SYNC_EVERY; 1 is "
                   "the loop before it: a host sync every token); time one against the other")
