@@ -356,9 +356,9 @@ def test_quant_generate_gpu_vs_xla(kv_dtype):
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4", "k8v4"])
 def test_quant_logits_bf16_gpu_vs_xla(kv_dtype):
-  """A bf16 model on a quantised cache: the prefill chunks read it through the fp16-code
-  kernels (`decode._scan_codes`' products, the bf16 compute path) and match the XLA
-  reference, which dequantises the same codes, within bf16's tolerance."""
+  """A bf16 model on a quantised cache: chunked prefill through the Triton chunk kernels as
+  configured (the bf16 compute path, not the fp32 one test_quant_generate_gpu_vs_xla takes)
+  matches the XLA reference, which dequantises the same codes, within bf16's tolerance."""
   config, params, mask = _model(jnp.bfloat16, d=32)
   rng = np.random.default_rng(3)
   prompts = [list(rng.integers(3, config.vocab_size, n)) for n in (75, 23)]

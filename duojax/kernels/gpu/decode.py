@@ -180,6 +180,25 @@ def _load_nibbles(p, sp, zp, n, nmask, SROW: tl.constexpr, SSROW: tl.constexpr,
 
 
 @triton.jit
+def _next_block(kp, ksp, kzp, vp, vsp, vzp, BLOCK_N: tl.constexpr, SKS: tl.constexpr,
+                SVS: tl.constexpr, SSS: tl.constexpr):
+  """The six pointers of a key / value block (codes or values, scales, zeros) moved on by
+  BLOCK_N rows (row strides SKS, SVS; SSS for the scales and zeros)."""
+  return (kp + BLOCK_N * SKS, ksp + BLOCK_N * SSS, kzp + BLOCK_N * SSS, vp + BLOCK_N * SVS,
+          vsp + BLOCK_N * SSS, vzp + BLOCK_N * SSS)
+
+
+@triton.jit
+def _carry_in(acc, m0, m_i, part):
+  """The state a scan started from (acc [R, BD], at max m0 [R]) rescaled to the scan's final
+  max m_i (the product of its alphas; 0 where there was none), plus the scan's own
+  accumulator `part`, kept at m_i."""
+  m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+  keep = tl.where(m0 == float("-inf"), 0.0, tl.exp2(m0 - m_fin))
+  return acc * keep[:, None] + part
+
+
+@triton.jit
 def _f16_codes(code):
   """int32 codes in [-128, 1023 - 128] (int8's [-128, 127], int4's [0, 15]) -> the same
   integers in fp16, exactly, by bit pattern: 0x6400 + m is the fp16 1024 + m for m in [0,
@@ -278,19 +297,11 @@ def _scan_codes(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, 
       acc_w = (acc_w * alpha[:, None]
                + tl.dot(p16, codes_tile_f16(vp, offs_n, vis, SVS, D, BD, VBITS)) * vmax + zterm)
     m_i = m_new
-    kp += BLOCK_N * SKS
-    vp += BLOCK_N * SVS
-    ksp += BLOCK_N * SSS
-    kzp += BLOCK_N * SSS
-    vsp += BLOCK_N * SSS
-    vzp += BLOCK_N * SSS
-  # the incoming state, rescaled to the final max (the product of the alphas); 0 if empty
-  m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-  keep = tl.where(m0 == float("-inf"), 0.0, tl.exp2(m0 - m_fin))
+    kp, ksp, kzp, vp, vsp, vzp = _next_block(kp, ksp, kzp, vp, vsp, vzp, BLOCK_N, SKS, SVS, SSS)
   if VH:
-    acc = acc * keep[:, None] + _unhalve(acc_lo, acc_hi, GP, BD)
+    acc = _carry_in(acc, m0, m_i, _unhalve(acc_lo, acc_hi, GP, BD))
   else:
-    acc = acc * keep[:, None] + acc_w
+    acc = _carry_in(acc, m0, m_i, acc_w)
   return m_i, l_i, acc
 
 
@@ -339,17 +350,8 @@ def _scan_nibbles(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i
       acc_lo = acc_lo * alpha[:, None] + tl.dot(pv, v_lo.to(q.dtype))
       acc_hi = acc_hi * alpha[:, None] + tl.dot(pv, v_hi.to(q.dtype))
     m_i = m_new
-    kp += BLOCK_N * SKS
-    vp += BLOCK_N * SVS
-    ksp += BLOCK_N * SSS
-    kzp += BLOCK_N * SSS
-    vsp += BLOCK_N * SSS
-    vzp += BLOCK_N * SSS
-  # the incoming state, rescaled to the final max (the product of the alphas); 0 if empty
-  m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-  keep = tl.where(m0 == float("-inf"), 0.0, tl.exp2(m0 - m_fin))
-  acc = acc * keep[:, None] + _unhalve(acc_lo, acc_hi, GP, BD)
-  return m_i, l_i, acc
+    kp, ksp, kzp, vp, vsp, vzp = _next_block(kp, ksp, kzp, vp, vsp, vzp, BLOCK_N, SKS, SVS, SSS)
+  return m_i, l_i, _carry_in(acc, m0, m_i, _unhalve(acc_lo, acc_hi, GP, BD))
 
 
 @triton.jit
@@ -415,12 +417,8 @@ def _scan(q, kp, ksp, kzp, vp, vsp, vzp, lo, hi, pos_ptr, qpos, m_i, l_i, acc,
         vz = tl.load(vzp + offs_n * SSS, mask=vis, other=0.0)
         acc = acc + tl.sum(p * vz[None, :], 1)[:, None]  # every column gets the zeros' share
       m_i = m_new
-      kp += BLOCK_N * SKS
-      vp += BLOCK_N * SVS
-      ksp += BLOCK_N * SSS
-      kzp += BLOCK_N * SSS
-      vsp += BLOCK_N * SSS
-      vzp += BLOCK_N * SSS
+      kp, ksp, kzp, vp, vsp, vzp = _next_block(kp, ksp, kzp, vp, vsp, vzp, BLOCK_N, SKS, SVS,
+                                               SSS)
   return m_i, l_i, acc
 
 
