@@ -296,8 +296,22 @@ def _q_pos(start: jax.Array, t: int) -> jax.Array:
   return start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
 
+def _write_op(backend, name: str, quant: bool):
+  """The backend's decode op `name` that also writes the new token (`full_decode_write`,
+  `duo_decode_write`: one launch fewer per buffer than a write before the attention), or
+  None when it has none for this cache."""
+  ops = dispatch.backend_ops(backend)
+  fn = ops.get(name)
+  return fn if fn is not None and (not quant or name in ops.get("kv_quant", ())) else None
+
+
 def attend_full(c: FullLayerCache, q, k, v, start, n_valid, backend):
   """Retrieval heads: the chunk enters the cache, then attends everything up to itself."""
+  write = _write_op(backend, "full_decode_write", kv_quant.is_quantized(c.k)) \
+      if q.shape[1] == 1 else None
+  if write is not None:
+    out, kk, vv = write(q, c.k, c.v, start, n_valid, _stored(c.k, k), _stored(c.v, v))
+    return out, FullLayerCache(kk, vv)
   c = write_full(c, k, v, start, n_valid)
   t = q.shape[1]
   out = dispatch.op(backend, "full_chunk", t == 1, kv_quant.is_quantized(c.k))(
@@ -331,12 +345,26 @@ def _attend_duo_fused(fused, c: DuoLayerCache, q, k, v, start, n_valid):
   return out, DuoLayerCache(fc, write_stream(sc, ks, vs, start, n_valid))
 
 
+def _attend_duo_write(write, c: DuoLayerCache, q, k, v, start, n_valid):
+  sc = c.stream
+  slot_pos, slot_valid = stream_slot_positions(start, sc.sink, sc.recent)
+  out, fk, fv, sk, sv = write(q, c.full.k, c.full.v, start, n_valid, sc.k, sc.v, slot_pos,
+                              slot_valid, _stored(c.full.k, k), _stored(c.full.v, v), sc.sink,
+                              sc.recent)
+  return out, DuoLayerCache(FullLayerCache(fk, fv), StreamLayerCache(sk, sv, sc.sink, sc.recent))
+
+
 def attend_duo(c: DuoLayerCache, q, k, v, start, n_valid, backend):
   """Retrieval heads lead, so each part attends a static slice of the heads; a backend's
-  fused `duo_decode` does both in one launch when decoding a plain streaming part."""
+  fused `duo_decode_write` (or `duo_decode`, after an XLA write) does both in one launch
+  when decoding a plain streaming part."""
   ops = dispatch.backend_ops(backend)
   fused = ops.get("duo_decode")
   quant = kv_quant.is_quantized(c.full.k)
+  if q.shape[1] == 1 and type(c.stream) is StreamLayerCache:
+    write = _write_op(backend, "duo_decode_write", quant)
+    if write is not None:
+      return _attend_duo_write(write, c, q, k, v, start, n_valid)
   if (fused is not None and q.shape[1] == 1 and type(c.stream) is StreamLayerCache
       and (not quant or "duo_decode" in ops.get("kv_quant", ()))):
     return _attend_duo_fused(fused, c, q, k, v, start, n_valid)

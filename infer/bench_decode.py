@@ -753,14 +753,20 @@ def run_jax(args, copy_GBps):
   return rows
 
 
-def unfused_backend(name: str) -> str:
-  """A copy of the backend without its fused `duo_decode` op (dispatch then runs the
-  retrieval and streaming decode ops separately), registered as NAME-unfused."""
+def backend_without(name: str, drop: tuple[str, ...], tag: str) -> str:
+  """A copy of the backend without the ops `drop` (dispatch then takes its other routes),
+  registered as NAME-TAG."""
   from duojax.attention import dispatch
   name = dispatch.resolve_backend(name)
-  ops = {k: v for k, v in dispatch.backend_ops(name).items() if k != "duo_decode"}
-  dispatch.register_backend(f"{name}-unfused", ops)
-  return f"{name}-unfused"
+  ops = {k: v for k, v in dispatch.backend_ops(name).items() if k not in drop}
+  dispatch.register_backend(f"{name}-{tag}", ops)
+  return f"{name}-{tag}"
+
+
+def unfused_backend(name: str) -> str:
+  """Without the fused `duo_decode` ops (with and without the cache write): dispatch runs
+  the retrieval and streaming decode ops separately."""
+  return backend_without(name, ("duo_decode", "duo_decode_write"), "unfused")
 
 
 def batches(args):
@@ -1255,6 +1261,11 @@ def build_parser():
                   "(`_scan` in duojax/kernels/gpu/decode.py; int8 folds by default, "
                   "QUANT_DECODE_CONFIG); turn it off with --quant-decode-config "
                   "'{\"8\": {\"fold_scales\": false}}'")
+  ap.add_argument("--no-fused-write", action="store_true",
+                  help="decode writes the new token's keys and values by XLA before the "
+                  "attention kernels (two scatters and two ring selects a layer) instead of "
+                  "inside their launches (the gpu backend's *_decode_write ops), to time one "
+                  "against the other")
   ap.add_argument("--no-f16-codes", action="store_true",
                   help="quantised KV: the Triton decode kernels convert each code to a float "
                   "for every width (int4 takes fp16 codes by default: QUANT_DECODE_CONFIG), to "
@@ -1345,6 +1356,9 @@ def main(argv=None):
     from duojax.kernels.gpu import decode as kd
     for bits, cfg in parse_quant_decode_config(args.quant_decode_config).items():
       kd.QUANT_DECODE_CONFIG[bits] = cfg
+  if args.no_fused_write:
+    args.backend = backend_without(args.backend, ("full_decode_write", "duo_decode_write"),
+                                   "nowrite")
   if args.sync_every:  # read when engine.decode is traced
     from duojax import engine
     engine.SYNC_EVERY = args.sync_every
@@ -1412,7 +1426,7 @@ def main(argv=None):
           "backend": args.backend, "steps": args.steps, "kv_dtype": args.kv_dtype,
           "fold_scales": args.fold_scales, "sync_every": _sync_every(args),
           "quant_decode_config": args.quant_decode_config,
-          "f16_codes": not args.no_f16_codes,
+          "f16_codes": not args.no_f16_codes, "fused_write": not args.no_fused_write,
           "weights_dtype": args.weights_dtype, "paths": resolve_paths(args),
           "packed_weights": not args.no_pack,
           "mesh": mesh_spec(args) if resolve_paths(args) != ["plain"] else None,

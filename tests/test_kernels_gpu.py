@@ -370,3 +370,77 @@ def test_quant_logits_bf16_gpu_vs_xla(kv_dtype):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     assert not np.isnan(a).any()
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2
+
+
+# -- decode with the cache write in the same launches (decode.decode_write) ---------------
+
+@pytest.mark.parametrize("hr,hs,g,d", [(2, 2, 4, 128), (3, 0, 3, 64), (1, 3, 1, 64)])
+@pytest.mark.parametrize("bits,path", [(0, None), (8, None), (4, None), (K8V4, None),
+                                       (4, "dequant")])
+def test_decode_write_gpu(hr, hs, g, d, bits, path):
+  """Compiled, in bf16: the caches come back as the cache module's XLA writes leave them,
+  bit for bit, and the output equals the reference over those written caches."""
+  b, s, sink, recent, dtype = 4, 700, 16, 64, jnp.bfloat16
+  start = jnp.asarray([699, 5, 300, 100], jnp.int32)
+  n_valid = jnp.asarray([1, 1, 0, 1], jnp.int32)
+  h = hr + hs
+  q = rnd((b, 1, h, g, d), dtype)
+  k, v = kv((b, 1, h, d), bits), kv((b, 1, h, d), bits, 1)
+  full = kvc.FullLayerCache(kv((b, s, hr, d), bits), kv((b, s, hr, d), bits, 1))
+  sl = lambda x, a, z: jax.tree_util.tree_map(lambda y: y[:, :, a:z], x)
+  want_full = kvc.write_full(full, sl(k, 0, hr), sl(v, 0, hr), start, n_valid)
+  want = [reference.full_chunk_attention(*ref(q[:, :, :hr], want_full.k, want_full.v),
+                                         start[:, None], start + n_valid)]
+  with quant_path(path):
+    if hs:
+      w = sink + recent
+      ring = kvc.StreamLayerCache(kv((b, w, hs, d), bits), kv((b, w, hs, d), bits, 1), sink,
+                                  recent)
+      pos, valid = kvc.stream_slot_positions(start, sink, recent)
+      want_ring = kvc.write_stream(ring, sl(k, hr, h), sl(v, hr, h), start, n_valid)
+      want.append(reference.streaming_chunk_attention(
+          *ref(q[:, :, hr:], ring.k, ring.v), pos, valid, *ref(sl(k, hr, h), sl(v, hr, h)),
+          start[:, None], n_valid, sink, recent))
+      got = fresh_jit(kg.duo_decode_write, static_argnums=(11, 12))(
+          q, full.k, full.v, start, n_valid, ring.k, ring.v, pos, valid, k, v, sink, recent)
+      expect = (want_full.k, want_full.v, want_ring.k, want_ring.v)
+    else:
+      got = fresh_jit(kg.full_decode_write)(q, full.k, full.v, start, n_valid, k, v)
+      expect = (want_full.k, want_full.v)
+  for x, y in zip(got[1:], expect):
+    for a, e in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+  check(got[0], jnp.concatenate(want, axis=2), dtype)
+
+
+def test_decode_write_in_place_in_a_loop_gpu():
+  """In a jitted loop carrying the caches (as engine.decode does) the aliased write stays in
+  place: the compiled program copies no cache-sized buffer, and the tokens land."""
+  b, s, hr, hs, g, d, sink, recent, steps = 2, 4096, 2, 2, 4, 128, 16, 64, 5
+  dtype = jnp.bfloat16
+  q = rnd((b, 1, hr + hs, g, d), dtype)
+  kc, vc = jnp.zeros((b, s, hr, d), dtype), jnp.zeros((b, s, hr, d), dtype)
+  sk, sv = jnp.zeros((b, sink + recent, hs, d), dtype), jnp.zeros((b, sink + recent, hs, d), dtype)
+
+  def run(kc, vc, sk, sv):
+    def step(i, c):
+      kc, vc, sk, sv = c
+      start = jnp.full((b,), i, jnp.int32)
+      pos, valid = kvc.stream_slot_positions(start, sink, recent)
+      new = jnp.full((b, 1, hr + hs, d), i + 1, dtype)
+      _, kc, vc, sk, sv = kg.duo_decode_write(q, kc, vc, start, jnp.ones((b,), jnp.int32), sk,
+                                              sv, pos, valid, new, new, sink, recent)
+      return kc, vc, sk, sv
+    return jax.lax.fori_loop(0, steps, step, (kc, vc, sk, sv))
+
+  f = jax.jit(run, donate_argnums=(0, 1, 2, 3))
+  hlo = f.lower(kc, vc, sk, sv).compile().as_text()
+  big = f"bf16[{b},{s},{hr},{d}]"
+  copies = [ln for ln in hlo.splitlines() if " copy(" in ln and big in ln]
+  assert not copies, copies[:3]
+  kc, vc, sk, sv = f(kc, vc, sk, sv)
+  np.testing.assert_array_equal(np.asarray(kc[:, :steps, 0, 0], np.float32),
+                                np.broadcast_to(np.arange(1, steps + 1), (b, steps)))
+  assert not np.asarray(kc[:, steps:].astype(jnp.float32)).any()
+  np.testing.assert_array_equal(np.asarray(sk[:, :steps, 0, 0], np.float32),
+                                np.broadcast_to(np.arange(1, steps + 1), (b, steps)))

@@ -134,6 +134,58 @@ def case_duo_decode(bits, hr, hs, g, d, dt=jnp.float32):
   return rel(out.float().numpy(), want)
 
 
+def case_decode_write(bits, hr, hs, g, d, dt=jnp.float32):
+  """`decode_write` (attention + the new token's cache write in the same launches) against
+  the cache module's own writes (an XLA scatter and ring gather) and the reference
+  attention over the written caches: the caches must come back equal, bit for bit, and the
+  output within tolerance. Rows: the last full slot, a row with no new token, a sink slot,
+  and (streaming) a ring slot after the ring has wrapped."""
+  from duojax import cache as kvc
+  b, s = 4, 70
+  start = jnp.asarray([69, 12, 2, 45], jnp.int32)
+  n_valid = jnp.asarray([1, 0, 1, 1], jnp.int32)
+  h = hr + hs
+  q = rnd((b, 1, h, g, d))
+  kn, vn = store(rnd((b, 1, h, d)), bits), store(rnd((b, 1, h, d)), bits, 1)
+  full = kvc.FullLayerCache(store(rnd((b, s, hr, d)), bits), store(rnd((b, s, hr, d)), bits, 1))
+  sl = lambda x, a, z: jax.tree_util.tree_map(lambda y: y[:, :, a:z], x)
+  want_full = kvc.write_full(full, sl(kn, 0, hr), sl(vn, 0, hr), start, n_valid)
+  q_pos = start[:, None]
+  want = [reference.full_chunk_attention(q[:, :, :hr], want_full.k, want_full.v, q_pos,
+                                         start + n_valid)]
+  args = (tt(q)[0], *parts(full.k), *parts(full.v), *tt(start, n_valid))
+  if hs:
+    _, sk, sv, pos, valid, _, _, _ = _stream_inputs(bits, b, 1, hs, g, d, start)
+    ring = kvc.StreamLayerCache(sk, sv, SINK, RECENT)
+    want_ring = kvc.write_stream(ring, sl(kn, hr, h), sl(vn, hr, h), start, n_valid)
+    want.append(reference.streaming_chunk_attention(q[:, :, hr:], sk, sv, pos, valid,
+                                                    sl(kn, hr, h), sl(vn, hr, h), q_pos,
+                                                    n_valid, SINK, RECENT))
+    split, _ = kd.duo_decode_plans(q.shape, full.k.shape, sk.shape, dt, SINK, RECENT,
+                                   bits=pair(full.k, full.v), new=True)
+    slots = (*parts(sk), *parts(sv), *tt(kd.slot_positions(pos, valid)))
+    bufs = [full.k, full.v, sk, sv]
+  else:
+    split, _ = kd.duo_decode_plans(q.shape, full.k.shape, None, dt, 0, 0,
+                                   bits=pair(full.k, full.v), new=True)
+    slots = (*parts(kn), *parts(vn), *tt(q_pos))
+    bufs = [full.k, full.v]
+  op, mp, lp = split.torch(args[0], *args[1:-2], *tt(q_pos, start), *slots, *parts(kn),
+                           *parts(vn), *tt(n_valid))
+  arrays = [a for x in bufs for a in kd._buffers(x)]
+  comb = kd.combine_write_plan(q.shape, jnp.float32, hr, op.shape[2],
+                               [(a.shape, a.dtype) for a in arrays], SINK, RECENT,
+                               pair(full.k, full.v))
+  res = comb.torch(op, mp, lp, *tt(start, n_valid), *tt(*kd._buffers(kn)),
+                   *tt(*kd._buffers(vn)), *tt(*arrays))
+  got = [np.asarray(r) for r in res[1:]]
+  expect = [want_full.k, want_full.v] + ([want_ring.k, want_ring.v] if hs else [])
+  expect = [np.asarray(a) for x in expect for a in kd._buffers(x)]
+  if any(not np.array_equal(x, y) for x, y in zip(got, expect)):
+    return float("inf")  # a cache buffer differs from the cache module's write
+  return rel(res[0].float().numpy(), jnp.concatenate(want, axis=2))
+
+
 def case_full_chunk(bits, h, g, d, partial=False, dt=jnp.float32):
   b, t, s = 2, 5, 90
   start = jnp.asarray([37, 0], jnp.int32)
@@ -182,6 +234,14 @@ def cases():
     out[f"duo_decode-b{bits}"] = lambda bits=bits: case_duo_decode(bits, 2, 1, 3, 32)
     out[f"stream_chunk-b{bits}"] = lambda bits=bits: case_stream_chunk(bits, 2, 2, 32)
   out["full_chunk_partial-b8"] = lambda: case_full_chunk(8, 2, 4, 64, partial=True)
+  # decode with the cache write in the combine launch: DuoAttention layers (GQA; MHA with
+  # D 48) and layers of retrieval heads only, plain, int8, int4 and k8v4
+  for bits in (0, 8, 4, (8, 4)):
+    tag = "k8v4" if bits == (8, 4) else f"b{bits}"
+    out[f"decode_write-duo-{tag}"] = lambda bits=bits: case_decode_write(bits, 2, 2, 3, 32)
+    out[f"decode_write-full-{tag}"] = lambda bits=bits: case_decode_write(bits, 3, 0, 4, 64)
+  out["decode_write-duo-b4-mha-d48"] = lambda: case_decode_write(4, 1, 2, 1, 48)
+  out["f16c-decode_write-duo-b4"] = lambda: case_decode_write(4, 2, 2, 3, 32, jnp.float16)
   # k8v4: int8 keys beside int4 values (their own strides); GQA, MHA with D 48, streaming
   k8v4 = (8, 4)
   for h, g, d in ((2, 4, 64), (3, 1, 48)):

@@ -12,6 +12,9 @@ with `backend_ops("gpu")` when it is first used:
   streaming_decode  streaming heads, one token: sink + ring + the new token (decode.py)
   duo_decode        a DuoAttention layer, one token: both of the above in one launch,
                     merged straight into the layer's output (decode.py)
+  full_decode_write, duo_decode_write
+                    full_decode / duo_decode with the new token's cache write in the same
+                    launches (decode.py `decode_write`): no XLA write before them
   full_chunk_partial, full_decode_partial
                     the retrieval heads' ops returning the softmax state (m, l, acc)
                     instead of the output: context-parallel attention's per-device ops
@@ -40,11 +43,13 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["full_chunk", "streaming_chunk", "full_decode", "streaming_decode", "duo_decode",
-           "full_chunk_partial", "full_decode_partial", "dense_causal", "OPS", "backend_ops"]
+           "full_chunk_partial", "full_decode_partial", "full_decode_write", "duo_decode_write",
+           "dense_causal", "OPS", "backend_ops"]
 
 _OP_HOME = {"full_chunk": "prefill", "streaming_chunk": "prefill", "full_decode": "decode",
             "streaming_decode": "decode", "duo_decode": "decode",
-            "full_chunk_partial": "prefill", "full_decode_partial": "decode"}
+            "full_chunk_partial": "prefill", "full_decode_partial": "decode",
+            "full_decode_write": "decode", "duo_decode_write": "decode"}
 _MODULES = ("decode", "prefill", "tokamax_chunk", "launch", "dense")
 
 

@@ -528,12 +528,15 @@ def _duo_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SK, SKS_, SKZ, SV, 
                        BLOCK_N: tl.constexpr,
                        SBLOCK_N: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
                        QK_SCALE: tl.constexpr, IEEE: tl.constexpr,
-                       FOLD: tl.constexpr, F16C: tl.constexpr):
+                       FOLD: tl.constexpr, F16C: tl.constexpr, NEW: tl.constexpr):
   """One launch for a DuoAttention layer: programs [0, NS * HR) are the retrieval
   heads' splits over the full cache, programs [NS * HR, NS * HR + HS) the streaming
   heads over sink + ring + the new token. All write partials; `_combine_kernel`
   (with HR) merges them into the layer's whole output, so no concatenation follows.
-  Each buffer comes as (values or codes, scale, zero) as in `_full_decode_kernel`."""
+  Each buffer comes as (values or codes, scale, zero) as in `_full_decode_kernel`.
+  NEW: the full cache does not hold the new token yet (KVLEN = the tokens before it);
+  split 0 of each retrieval head folds it in from KN / VN, and `_combine_write_kernel`
+  then writes it (HS may be 0: a layer of retrieval heads only)."""
   pid = tl.program_id(0)
   b = tl.program_id(1)
   m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -550,6 +553,14 @@ def _duo_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SK, SKS_, SKZ, SV, 
     m_i, l_i, acc = _scan(q, K + off, KS + soff, KZ + soff, V + voff, VS + soff, VZ + soff, lo,
                           hi, QPOS, 0, m_i, l_i, acc, SKS, SVS, SCS, D, BD, KBITS, VBITS,
                           BLOCK_N, QK_SCALE, IEEE, False, 0, 0, FOLD, F16C)
+    if NEW:
+      if split == 0:  # no split reads slot KVLEN, which the combine kernel writes
+        nb = b.to(tl.int64) * SNB + h * SNH
+        ns = b.to(tl.int64) * SNCB + h * SNCH
+        m_i, l_i, acc = _add_new_token(q, KN + nb, KNS + ns, KNZ + ns,
+                                       VN + b.to(tl.int64) * SNVB + h * SNVH, VNS + ns,
+                                       VNZ + ns, tl.load(NVALID + b), tl.load(QPOS + b), m_i,
+                                       l_i, acc, D, BD, KBITS, VBITS, QK_SCALE, 0, 1)
     _store_partial(OP, MP, LP, ((b * (HR + HS) + h) * NS + split) * G, m_i, l_i, acc, G, GP, D,
                    BD)
   else:
@@ -574,15 +585,11 @@ def _duo_decode_kernel(Q, K, KS, KZ, V, VS, VZ, QPOS, KVLEN, SK, SKS_, SKZ, SV, 
 
 
 @triton.jit
-def _combine_kernel(OP, MP, LP, OUT,
-                    SOB: tl.constexpr, SOH: tl.constexpr, SOG: tl.constexpr,
-                    H: tl.constexpr, HR: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                    BD: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr):
-  """Program (g, h, b) merges the partials of one query head, all loads at once:
-  NS splits for heads h < HR, the single partial (split 0) of a streaming head."""
-  g = tl.program_id(0)
-  h = tl.program_id(1)
-  b = tl.program_id(2)
+def _combine(OP, MP, LP, OUT, g, h, b, SOB: tl.constexpr, SOH: tl.constexpr,
+             SOG: tl.constexpr, H: tl.constexpr, HR: tl.constexpr, G: tl.constexpr,
+             D: tl.constexpr, BD: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr):
+  """Merges the partials of query head g of KV head h in row b, all loads at once: NS
+  splits for heads h < HR, the single partial (split 0) of a streaming head."""
   offs_s = tl.arange(0, NSP)
   offs_d = tl.arange(0, BD)
   smask = offs_s < tl.where(h < HR, NS, 1)
@@ -600,6 +607,119 @@ def _combine_kernel(OP, MP, LP, OUT,
   out = num / tl.maximum(den, 1e-30)
   tl.store(OUT + b.to(tl.int64) * SOB + h * SOH + g * SOG + offs_d,
            out.to(OUT.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _combine_kernel(OP, MP, LP, OUT,
+                    SOB: tl.constexpr, SOH: tl.constexpr, SOG: tl.constexpr,
+                    H: tl.constexpr, HR: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                    BD: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr):
+  """Program (g, h, b) merges the partials of one query head (`_combine`)."""
+  _combine(OP, MP, LP, OUT, tl.program_id(0), tl.program_id(1), tl.program_id(2), SOB, SOH,
+           SOG, H, HR, G, D, BD, NS, NSP)
+
+
+@triton.jit
+def _copy_token(src, ssrc, zsrc, dst, sdst, zdst, N: tl.constexpr, BN: tl.constexpr,
+                QUANT: tl.constexpr):
+  """One token's row of N values or codes (and, QUANT, its scale and zero) src -> dst."""
+  offs = tl.arange(0, BN)
+  tl.store(dst + offs, tl.load(src + offs, mask=offs < N), mask=offs < N)
+  if QUANT:
+    tl.store(sdst, tl.load(ssrc))
+    tl.store(zdst, tl.load(zsrc))
+
+
+@triton.jit
+def _combine_write(OP, MP, LP, START, NVALID, KN, KNS, KNZ, VN, VNS, VNZ, K, KS, KZ, V, VS,
+                   VZ, SK, SKS_, SKZ, SV, SVS_, SVZ, OUT, H: tl.constexpr, HR: tl.constexpr,
+                   G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, NS: tl.constexpr,
+                   NSP: tl.constexpr, CAP: tl.constexpr, W: tl.constexpr, DK: tl.constexpr,
+                   DV: tl.constexpr, BDC: tl.constexpr, SINK: tl.constexpr,
+                   RECENT: tl.constexpr, QUANT: tl.constexpr):
+  """`_combine`, and program (0, h, b) moves row b's new token of KV head h (KN, VN
+  [B, 1, H, DK / DV] codes or values, scales and zeros [B, 1, H, 1]) where the cache
+  keeps it: slot START[b] of the full cache K, V [B, CAP, HR, DK / DV] for h < HR (none
+  past CAP), else the streaming head's sink or ring slot of SK, SV [B, W, H - HR, ...]
+  (none when the window keeps no recent token). A row with no new token (NVALID 0) writes
+  nothing, as `cache.write_full` / `write_stream` would not. The buffers are aliased to
+  the kernel's outputs, so the write is in place."""
+  g = tl.program_id(0)
+  h = tl.program_id(1)
+  b = tl.program_id(2)
+  _combine(OP, MP, LP, OUT, g, h, b, H * G * D, G * D, D, H, HR, G, D, BD, NS, NSP)
+  start = tl.load(START + b)
+  go = (g == 0) & (tl.load(NVALID + b) > 0)
+  src = b * H + h  # the new token's row among [B, 1, H]
+  if h < HR:
+    dst = (b.to(tl.int64) * CAP + start) * HR + h
+    go = go & (start < CAP)
+    kd, kds, kdz, vd, vds, vdz = K, KS, KZ, V, VS, VZ
+  else:
+    if RECENT > 0:
+      slot = tl.where(start < SINK, start, SINK + (start - SINK) % RECENT)
+    else:
+      slot = start
+      go = go & (start < SINK)
+    dst = (b.to(tl.int64) * W + slot) * (H - HR) + (h - HR)
+    kd, kds, kdz, vd, vds, vdz = SK, SKS_, SKZ, SV, SVS_, SVZ
+  if go:
+    _copy_token(KN + src * DK, KNS + src, KNZ + src, kd + dst * DK, kds + dst, kdz + dst, DK,
+                BDC, QUANT)
+    _copy_token(VN + src * DV, VNS + src, VNZ + src, vd + dst * DV, vds + dst, vdz + dst, DV,
+                BDC, QUANT)
+
+
+# The write kernels differ only in which buffers are aliased to outputs (jax-triton passes
+# an output's pointer after the inputs, so each aliased buffer is a parameter): plain or
+# quantised (codes, scales, zeros), with or without a streaming part. The trailing output
+# parameters are the same buffers as the inputs they alias and are not read.
+@triton.jit
+def _combine_write_kernel(OP, MP, LP, START, NVALID, KN, VN, K, V, SK, SV, OUT, K_, V_, SK_,
+                          SV_, H: tl.constexpr, HR: tl.constexpr, G: tl.constexpr,
+                          D: tl.constexpr, BD: tl.constexpr, NS: tl.constexpr,
+                          NSP: tl.constexpr, CAP: tl.constexpr, W: tl.constexpr,
+                          DK: tl.constexpr, DV: tl.constexpr, BDC: tl.constexpr,
+                          SINK: tl.constexpr, RECENT: tl.constexpr):
+  _combine_write(OP, MP, LP, START, NVALID, KN, KN, KN, VN, VN, VN, K, K, K, V, V, V, SK, SK,
+                 SK, SV, SV, SV, OUT, H, HR, G, D, BD, NS, NSP, CAP, W, DK, DV, BDC, SINK,
+                 RECENT, False)
+
+
+@triton.jit
+def _combine_write_full_kernel(OP, MP, LP, START, NVALID, KN, VN, K, V, OUT, K_, V_,
+                               H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                               BD: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr,
+                               CAP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                               BDC: tl.constexpr):
+  _combine_write(OP, MP, LP, START, NVALID, KN, KN, KN, VN, VN, VN, K, K, K, V, V, V, K, K,
+                 K, V, V, V, OUT, H, H, G, D, BD, NS, NSP, CAP, 1, DK, DV, BDC, 0, 0, False)
+
+
+@triton.jit
+def _combine_write_quant_kernel(OP, MP, LP, START, NVALID, KN, KNS, KNZ, VN, VNS, VNZ, K, KS,
+                                KZ, V, VS, VZ, SK, SKS_, SKZ, SV, SVS_, SVZ, OUT, K_, KS_, KZ_,
+                                V_, VS_, VZ_, SK_, SKS__, SKZ_, SV_, SVS__, SVZ_,
+                                H: tl.constexpr, HR: tl.constexpr, G: tl.constexpr,
+                                D: tl.constexpr, BD: tl.constexpr, NS: tl.constexpr,
+                                NSP: tl.constexpr, CAP: tl.constexpr, W: tl.constexpr,
+                                DK: tl.constexpr, DV: tl.constexpr, BDC: tl.constexpr,
+                                SINK: tl.constexpr, RECENT: tl.constexpr):
+  _combine_write(OP, MP, LP, START, NVALID, KN, KNS, KNZ, VN, VNS, VNZ, K, KS, KZ, V, VS, VZ,
+                 SK, SKS_, SKZ, SV, SVS_, SVZ, OUT, H, HR, G, D, BD, NS, NSP, CAP, W, DK, DV,
+                 BDC, SINK, RECENT, True)
+
+
+@triton.jit
+def _combine_write_full_quant_kernel(OP, MP, LP, START, NVALID, KN, KNS, KNZ, VN, VNS, VNZ, K,
+                                     KS, KZ, V, VS, VZ, OUT, K_, KS_, KZ_, V_, VS_, VZ_,
+                                     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                                     BD: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr,
+                                     CAP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                                     BDC: tl.constexpr):
+  _combine_write(OP, MP, LP, START, NVALID, KN, KNS, KNZ, VN, VNS, VNZ, K, KS, KZ, V, VS, VZ,
+                 K, KS, KZ, V, VS, VZ, OUT, H, H, G, D, BD, NS, NSP, CAP, 1, DK, DV, BDC, 0, 0,
+                 True)
 
 
 @triton.jit
@@ -729,17 +849,20 @@ def _combine_plan(q_shape, dtype, n_retrieval, ns):
 
 
 def duo_decode_plans(q_shape, k_shape, slot_shape, dtype, sink, recent, cfg=None, scfg=None,
-                     bits=0):
+                     bits=0, new=False):
   """q [B, 1, Hr + Hs, G, D]; k, v [B, S, Hr, D]; slot k/v [B, W, Hs, D]; new k/v
   [B, 1, Hr + Hs, D] (logical shapes; bits 8 / 4 or a (key, value) pair: all of them
-  quantised) -> (fused split launch, combine launch)."""
+  quantised) -> (fused split launch, combine launch). new: the kernel's NEW (the full
+  cache lacks the new token; `decode_write`), which also allows slot_shape None (Hs 0)."""
   cfg = decode_config(bits, cfg)
   kb, vb = bit_pair(bits)
   scfg = scfg or STREAM_DECODE_CONFIG
   b, t, h, g, d = q_shape
   s, hr = k_shape[1], k_shape[2]
+  if slot_shape is None:  # no streaming part: its arguments are never read
+    slot_shape = (b, 1, 0, d)
   w, hs = slot_shape[1], slot_shape[2]
-  assert t == 1 and hr + hs == h and hr > 0 and hs > 0, (q_shape, k_shape, slot_shape)
+  assert t == 1 and hr + hs == h and hr > 0 and (hs > 0 or new), (q_shape, k_shape, slot_shape)
   ns = n_splits(b, hr, s, cfg)
   sq = strides(q_shape)
   (sk, sc), (ss, ssc), (sn, snc) = (kv_strides(x, kb) for x in (k_shape, slot_shape,
@@ -756,9 +879,37 @@ def duo_decode_plans(q_shape, k_shape, slot_shape, dtype, sink, recent, cfg=None
            BD=max(16, next_pow2(d)), KBITS=kb, VBITS=vb, NS=ns,
            BLOCK_N=cfg["block_n"], SBLOCK_N=scfg["block_n"], SINK=int(sink), RECENT=int(recent),
            QK_SCALE=float(LOG2E / math.sqrt(d)), IEEE=dtype_name(dtype) == "float32",
-           FOLD=_fold(bits, cfg), F16C=f16_codes(bits, cfg, dtype)),
+           FOLD=_fold(bits, cfg), F16C=f16_codes(bits, cfg, dtype), NEW=bool(new)),
       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
   return split, _combine_plan(q_shape, dtype, hr, ns)
+
+
+def combine_write_plan(q_shape, dtype, n_retrieval, ns, buffers, sink=0, recent=0,
+                       bits=0):
+  """The combine launch that also writes the new token (`_combine_write`). buffers: (shape,
+  dtype) of each cache buffer it updates in place, in kernel order (the full part's key
+  codes / values, [scales, zeros,] its values ..., then the streaming part's likewise);
+  they are the last inputs and alias the outputs after the layer's output."""
+  b, _, h, g, d = q_shape
+  kb, vb = bit_pair(bits)
+  quant, stream = bool(kb), n_retrieval < h
+  dk, dv = (d // 2 if x == 4 else d for x in (kb, vb))
+  kernel = {(False, True): _combine_write_kernel, (False, False): _combine_write_full_kernel,
+            (True, True): _combine_write_quant_kernel,
+            (True, False): _combine_write_full_quant_kernel}[quant, stream]
+  per = 6 if quant else 2
+  assert len(buffers) == per * (2 if stream else 1), (len(buffers), quant, stream)
+  first = 5 + (6 if quant else 2)  # OP, MP, LP, START, NVALID, then the new k / v parts
+  consts = dict(H=h, G=g, D=d, BD=max(16, next_pow2(d)), NS=ns, NSP=max(2, next_pow2(ns)),
+                CAP=int(buffers[0][0][1]), DK=dk, DV=dv, BDC=max(16, next_pow2(max(dk, dv))))
+  if stream:
+    consts.update(HR=n_retrieval, W=int(buffers[per][0][1]), SINK=int(sink),
+                  RECENT=int(recent))
+  return Launch(kernel, (g, h, b),
+                ((tuple(q_shape), dtype_name(dtype)),
+                 *((tuple(sh), dtype_name(dt)) for sh, dt in buffers)),
+                consts, num_warps=8 if ns * d > 8192 else 4, num_stages=1,
+                aliases=tuple((first + i, 1 + i) for i in range(len(buffers))))
 
 
 def stream_decode_plan(q_shape, slot_shape, dtype, sink, recent, cfg=None, bits=0):
@@ -879,3 +1030,64 @@ def duo_decode(q, k_cache, v_cache, q_pos, kv_len, slot_k, slot_v, slot_pos, slo
                          *kv_parts(v, dt), n_valid.astype(jnp.int32))
   (out,) = combine.jax(op, mp, lp)
   return out.astype(q.dtype)
+
+
+def _buffers(x) -> tuple:
+  """A cache buffer's arrays in kernel order (codes, scale, zero; or the values)."""
+  return (x.codes, x.scale, x.zero) if kv_bits(x) else (x,)
+
+
+def _rebuild(like, arrays):
+  """The buffer `like` from its arrays (`_buffers`' inverse)."""
+  return like.__class__(*arrays, like.bits) if kv_bits(like) else arrays[0]
+
+
+def decode_write(q, k_cache, v_cache, start, n_valid, k, v, stream=None):
+  """One token's attention for a full or DuoAttention layer, with the new token's cache write
+  in the same launches: the split kernel attends the cache before the token plus the token
+  itself, and the combine kernel writes it in place (`_combine_write`), instead of a write
+  by XLA before the attention (two scatters, and two ring selects for a DuoAttention
+  layer, each a launch of its own).
+
+  q [B, 1, H, G, D]; k/v_cache [B, S, Hr, D] (the full part, *without* the new token);
+  start, n_valid [B]; k, v [B, 1, H, D] the new token as the caches store it (plain in
+  their dtype, or quantised like them); stream None (Hr = H) or (slot_k, slot_v, slot_pos,
+  slot_valid, sink, recent), the streaming part before the token. Returns (out
+  [B, 1, H, G, D], k_cache, v_cache[, slot_k, slot_v]) with the token written where
+  `cache.write_full` / `write_stream` would put it."""
+  import jax.numpy as jnp
+  dt = compute_dtype(q, k_cache)
+  bits = (kv_bits(k_cache), kv_bits(v_cache))
+  start = start.astype(jnp.int32)
+  n_valid = n_valid.astype(jnp.int32)
+  if stream is None:
+    slot_k = slot_v = k
+    slot_pos, sink, recent = start[:, None], 0, 0
+    parts = (k_cache, v_cache)
+  else:
+    slot_k, slot_v, slot_pos, slot_valid, sink, recent = stream
+    slot_pos = slot_positions(slot_pos, slot_valid)
+    parts = (k_cache, v_cache, slot_k, slot_v)
+  split, _ = duo_decode_plans(q.shape, k_cache.shape, None if stream is None else slot_k.shape,
+                              dt, sink, recent, bits=bits, new=True)
+  op, mp, lp = split.jax(q.astype(dt), *kv_parts(k_cache, dt), *kv_parts(v_cache, dt),
+                         start[:, None], start, *kv_parts(slot_k, dt), *kv_parts(slot_v, dt),
+                         slot_pos, *kv_parts(k, dt), *kv_parts(v, dt), n_valid)
+  bufs = [a for x in parts for a in _buffers(x)]
+  comb = combine_write_plan(q.shape, q.dtype, k_cache.shape[2], op.shape[2],
+                            [(a.shape, a.dtype) for a in bufs], sink, recent, bits)
+  out, *new = comb.jax(op, mp, lp, start, n_valid, *_buffers(k), *_buffers(v), *bufs)
+  per = len(_buffers(k_cache))
+  return (out, *(_rebuild(x, new[i * per:(i + 1) * per]) for i, x in enumerate(parts)))
+
+
+def full_decode_write(q, k_cache, v_cache, start, n_valid, k, v):
+  """`decode_write` for a layer of retrieval heads only -> (out, k_cache, v_cache)."""
+  return decode_write(q, k_cache, v_cache, start, n_valid, k, v)
+
+
+def duo_decode_write(q, k_cache, v_cache, start, n_valid, slot_k, slot_v, slot_pos, slot_valid,
+                     k, v, sink, recent):
+  """`decode_write` for a DuoAttention layer -> (out, k_cache, v_cache, slot_k, slot_v)."""
+  return decode_write(q, k_cache, v_cache, start, n_valid, k, v,
+                      (slot_k, slot_v, slot_pos, slot_valid, sink, recent))

@@ -25,6 +25,9 @@ class Launch:
   consts: dict
   num_warps: int = 4
   num_stages: int = 2
+  # (input index, output index) pairs updated in place (jax-triton's input_output_aliases;
+  # `torch` passes those inputs as the outputs)
+  aliases: tuple[tuple[int, int], ...] = ()
 
   def jax(self, *arrays):
     import jax
@@ -32,14 +35,17 @@ class Launch:
     import jax.numpy as jnp
     outs = [jax.ShapeDtypeStruct(s, jnp.dtype(d)) for s, d in self.out_shapes]
     res = jt.triton_call(*arrays, kernel=self.kernel, out_shape=outs, grid=self.grid,
-                         num_warps=self.num_warps, num_stages=self.num_stages, **self.consts)
+                         num_warps=self.num_warps, num_stages=self.num_stages,
+                         input_output_aliases=dict(self.aliases), **self.consts)
     return tuple(res) if isinstance(res, (list, tuple)) else (res,)
 
   def torch(self, *tensors, outs=None):
     import torch
     dev = tensors[0].device
     if outs is None:
-      outs = [torch.empty(s, dtype=torch_dtype(d), device=dev) for s, d in self.out_shapes]
+      alias = {o: i for i, o in self.aliases}
+      outs = [tensors[alias[j]] if j in alias else torch.empty(s, dtype=torch_dtype(d), device=dev)
+              for j, (s, d) in enumerate(self.out_shapes)]
     self.kernel[self.grid](*tensors, *outs, num_warps=self.num_warps,
                            num_stages=self.num_stages, **self.consts)
     return tuple(outs)
@@ -64,7 +70,8 @@ def torch_dtype(d):
   import torch
   name = d if isinstance(d, str) else np.dtype(d).name
   return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-          "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}[name]
+          "int32": torch.int32, "int64": torch.int64, "bool": torch.bool, "int8": torch.int8,
+          "uint8": torch.uint8}[name]
 
 
 def dtype_name(x) -> str:
