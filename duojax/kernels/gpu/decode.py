@@ -14,6 +14,12 @@ full_decode  the retrieval heads over their whole cache: flash-decoding. The
 streaming_decode  the streaming heads over sink + ring slots and the new token:
              W = sink + recent keys, one program per (h, b).
 
+`decode_write` (ops `full_decode_write`, `duo_decode_write`): the same launches for a
+             full or DuoAttention layer when the new token is not yet in the cache: split
+             0 of each retrieval head folds the token in from its own k / v, no split reads
+             its slot, and the combine kernel writes it there and into the streaming ring
+             (the buffers aliased to its outputs), so no XLA write runs before them.
+
 `full_decode(..., return_partial=True)` skips the combine kernel and merges the NS
 split partials in jnp into one softmax state (m, l, acc) in natural-log units
 (`merge_splits`): the per-device op of context-parallel attention, whose merge across
