@@ -65,6 +65,10 @@ def _ops() -> dict:
   ops = {name: getattr(importlib.import_module(f"{__name__}.{mod}"), name)
          for name, mod in _OP_HOME.items()}
   ops["kv_quant"] = tuple(_OP_HOME)  # every kernel dequantises int8 / int4 caches itself
+  import os  # the in-launch cache write is off until it has run and been timed on a GPU
+  if os.environ.get("DUOJAX_FUSED_WRITE", "0") != "1":
+    ops.pop("full_decode_write")
+    ops.pop("duo_decode_write")
   from duojax.kernels.gpu import dense  # cuDNN, no triton: always importable with JAX
   ops["dense_causal"] = dense.dense_causal
   ops["dense_supports"] = dense.supports  # which inputs dense_causal takes
