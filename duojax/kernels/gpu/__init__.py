@@ -41,6 +41,7 @@ triton are missing, so `dispatch.resolve_backend("auto")` falls back to "xla".
 from __future__ import annotations
 
 import importlib
+import os
 
 __all__ = ["full_chunk", "streaming_chunk", "full_decode", "streaming_decode", "duo_decode",
            "full_chunk_partial", "full_decode_partial", "full_decode_write", "duo_decode_write",
@@ -65,7 +66,7 @@ def _ops() -> dict:
   ops = {name: getattr(importlib.import_module(f"{__name__}.{mod}"), name)
          for name, mod in _OP_HOME.items()}
   ops["kv_quant"] = tuple(_OP_HOME)  # every kernel dequantises int8 / int4 caches itself
-  import os  # the in-launch cache write is off until it has run and been timed on a GPU
+  # the in-launch cache write is off until it has run and been timed on a GPU
   if os.environ.get("DUOJAX_FUSED_WRITE", "0") != "1":
     ops.pop("full_decode_write")
     ops.pop("duo_decode_write")
