@@ -12,7 +12,8 @@ memory: the limit is the register file, not the converts. Triton compiles for a 
 target without one (its bundled ptxas), and cuobjdump reads the cubin's resource usage, so
 each tuning choice can be checked here before it is timed on a device.
 
-For each kernel (the split-K decode, the fused duo decode, the prefill chunk), KV dtype
+For each kernel (the split-K decode, the fused duo decode, that kernel as decode_write runs
+it with the new token folded in, decode_write's combine, the prefill chunk), KV dtype
 and variant (overrides of the kernel's config, as bench_quant_variants takes them) it
 prints REG (registers a thread), STACK (bytes of local memory a thread: spills) and
 SHARED, and writes kernel_resources.json / .md into --out. The figures are those of the
@@ -29,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-KINDS = ("full_decode", "duo_decode", "full_chunk")
+KINDS = ("full_decode", "duo_decode", "duo_decode_new", "combine_write", "full_chunk")
 # Llama-3-8B's head shape: 8 KV heads of 128, G = 4; a duo layer half retrieval heads
 SHAPE = dict(b=1, h=4, g=4, d=128, s=1 << 20, w=320, t=4096)
 
@@ -56,16 +57,30 @@ def plan(kind: str, bits, cfg: dict | None):
     launch, _ = kd.full_decode_plans((b, 1, h, g, d), (b, s, h, d), bf, cfg, bits)
     ptr = {"Q": "*bf16", **_buffer("K", kb, kb), **_buffer("V", vb, kb), "QPOS": "*i32",
            "KVLEN": "*i32", "OP": "*fp32", "MP": "*fp32", "LP": "*fp32"}
-  elif kind == "duo_decode":
+  elif kind in ("duo_decode", "duo_decode_new"):
+    # duo_decode_new: the split kernel of decode_write (NEW: the new token folded in by split 0)
     cfg = None if cfg is None else {**kd.decode_config(bits), **cfg}
     launch, _ = kd.duo_decode_plans((b, 1, 2 * h, g, d), (b, s, h, d), (b, w, h, d), bf, 64,
-                                    256, cfg, bits=bits)
+                                    256, cfg, bits=bits, new=kind == "duo_decode_new")
     ptr = {"Q": "*bf16", **_buffer("K", kb, kb), **_buffer("V", vb, kb), "QPOS": "*i32",
            "KVLEN": "*i32", "SPOS": "*i32", "NVALID": "*i32", "OP": "*fp32", "MP": "*fp32",
            "LP": "*fp32"}
     side = "*fp32" if kb else "*bf16"
     ptr.update(SK=_code_type(kb), SKS_=side, SKZ=side, SV=_code_type(vb), SVS_=side, SVZ=side,
                KN=_code_type(kb), KNS=side, KNZ=side, VN=_code_type(vb), VNS=side, VNZ=side)
+  elif kind == "combine_write":
+    # decode_write's combine for a duo layer: merges the splits, writes the token in place
+    def parts(n, x):  # (shape, dtype) of one buffer's codes[, scale, zero] over n tokens
+      codes = ((b, n, h, d // 2 if x == 4 else d), {0: "bfloat16", 8: "int8", 4: "uint8"}[x])
+      return [codes] + ([((b, n, h), "float32")] * 2 if kb else [])
+    new = parts(1, kb) + parts(1, vb)
+    bufs = parts(s, kb) + parts(s, vb) + parts(w, kb) + parts(w, vb)
+    ns = kd.n_splits(b, h, s, kd.decode_config(bits))
+    launch = kd.combine_write_plan((b, 1, 2 * h, g, d), bf, h, ns, bufs, 64, 256, bits)
+    ty = {"bfloat16": "*bf16", "int8": "*i8", "uint8": "*u8", "float32": "*fp32"}
+    types = (["*fp32"] * 3 + ["*i32"] * 2 + [ty[t] for _, t in new + bufs] + ["*bf16"]
+             + [ty[t] for _, t in bufs])
+    ptr = dict(zip([n for n in launch.kernel.arg_names if n not in launch.consts], types))
   elif kind == "full_chunk":
     cfg = None if cfg is None else {**kp.FULL_CHUNK_CONFIG, **cfg}
     launch = kp.full_chunk_plan((b, t, h, g, d), (b, s, h, d), bf, cfg, bits=bits)

@@ -18,6 +18,15 @@ def test_resources_of_a_decode_kernel():
   assert off["F16C"] == 0
 
 
+def test_decode_write_kernels_compile():
+  """decode_write's two launches (the split kernel with NEW, the combine that writes the
+  token in place) compile for sm_90: the interpreter does not type-check a branch."""
+  from infer import kernel_resources as kr
+  for kind, bits in (("duo_decode_new", (8, 4)), ("combine_write", 4), ("combine_write", 0)):
+    r = kr.resources(kind, bits, None, 90)
+    assert 16 <= r["reg"] <= 255, (kind, bits, r)
+
+
 def test_cli_writes_table_and_refuses_bad_input(tmp_path, capsys):
   from infer import kernel_resources as kr
   kr.main(["--out", str(tmp_path), "--kinds", "duo_decode", "--kv-dtype", "k8v4"])
