@@ -1265,7 +1265,7 @@ def build_parser():
                   help="decode writes the new token's keys and values by XLA before the "
                   "attention kernels (two scatters and two ring selects a layer) instead of "
                   "inside their launches (the gpu backend's *_decode_write ops), to time one "
-                  "against the other (the *_write ops are in the table only with DUOJAX_FUSED_WRITE=1)")
+                  "against the other (DUOJAX_FUSED_WRITE=0 takes them out for every program)")
   ap.add_argument("--no-f16-codes", action="store_true",
                   help="quantised KV: the Triton decode kernels convert each code to a float "
                   "for every width (int4 takes fp16 codes by default: QUANT_DECODE_CONFIG), to "

@@ -257,3 +257,25 @@ def test_plot_has_a_panel_per_batch_size(tmp_path):
   bd.plot([row(1, 32768, 5.0), row(1, 131072, 8.0), row(16, 32768, 20.0)], peer, two)
   w1, w2 = mpimg.imread(one).shape[1], mpimg.imread(two).shape[1]
   assert w2 == 2 * w1, (w1, w2)
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("triton"),
+                    reason="triton is not installed")
+def test_fused_write_is_in_the_gpu_table_unless_turned_off(monkeypatch):
+  """The gpu backend's table holds the in-launch cache-write ops by default (measured
+  faster), DUOJAX_FUSED_WRITE=0 takes them out, and bench_decode's --no-fused-write
+  backend drops them and nothing else."""
+  from duojax.attention import dispatch
+  from duojax.kernels import gpu as kg
+  write = {"full_decode_write", "duo_decode_write"}
+  monkeypatch.delenv("DUOJAX_FUSED_WRITE", raising=False)
+  on = kg._ops()
+  assert write <= set(on) and write <= set(on["kv_quant"])
+  monkeypatch.setenv("DUOJAX_FUSED_WRITE", "0")
+  assert not write & set(kg._ops())
+  monkeypatch.setattr(dispatch, "backend_ops", lambda name: on)
+  monkeypatch.setattr(dispatch, "resolve_backend", lambda name: name)
+  got = {}
+  monkeypatch.setattr(dispatch, "register_backend", lambda name, ops: got.update({name: ops}))
+  assert bd.backend_without("gpu", tuple(write), "nowrite") == "gpu-nowrite"
+  assert set(got["gpu-nowrite"]) == set(on) - write

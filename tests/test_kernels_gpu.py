@@ -358,18 +358,27 @@ def test_quant_generate_gpu_vs_xla(kv_dtype):
 def test_quant_logits_bf16_gpu_vs_xla(kv_dtype):
   """A bf16 model on a quantised cache: chunked prefill through the Triton chunk kernels as
   configured (the bf16 compute path, not the fp32 one test_quant_generate_gpu_vs_xla takes)
-  matches the XLA reference, which dequantises the same codes, within bf16's tolerance."""
+  matches the XLA reference, which dequantises the same codes, within bf16's tolerance.
+
+  That tolerance depends on the cache: a 4-bit code turns a rounding difference in one
+  layer's keys or values into a whole quantisation step in the next layer's, so the same
+  XLA model in bf16 and in fp32 differ by 0.5% (bf16 cache), 0.8% (int8) but 3.9-4.7%
+  (int4, k8v4) here (measured on CPU). The GPU path may differ from the XLA one by 2%, or by
+  as much as bf16 rounding alone moves the XLA model, whichever is larger; a wrong scale,
+  zero or nibble moves the logits by far more."""
   config, params, mask = _model(jnp.bfloat16, d=32)
   rng = np.random.default_rng(3)
   prompts = [list(rng.integers(3, config.vocab_size, n)) for n in (75, 23)]
-  got = engine.forward_logits(params, config, prompts, mask, chunk=24, backend="gpu",
-                              kv_dtype=kv_dtype)
-  want = engine.forward_logits(params, config, prompts, mask, chunk=24, backend="xla",
-                               kv_dtype=kv_dtype)
-  for a, b in zip(got, want):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert not np.isnan(a).any()
-    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2
+  run = lambda p, backend: engine.forward_logits(p, config, prompts, mask, chunk=24,
+                                                 backend=backend, kv_dtype=kv_dtype)
+  got, want = run(params, "gpu"), run(params, "xla")
+  fp32 = run(jax.tree_util.tree_map(
+      lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, params), "xla")
+  rel = lambda a, b: np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / (
+      np.linalg.norm(np.asarray(b, np.float64)))
+  for a, b, c in zip(got, want, fp32):
+    assert not np.isnan(np.asarray(a, np.float64)).any()
+    assert rel(a, b) < max(2e-2, rel(b, c)), (rel(a, b), rel(b, c))
 
 
 # -- decode with the cache write in the same launches (decode.decode_write) ---------------

@@ -66,8 +66,10 @@ def _ops() -> dict:
   ops = {name: getattr(importlib.import_module(f"{__name__}.{mod}"), name)
          for name, mod in _OP_HOME.items()}
   ops["kv_quant"] = tuple(_OP_HOME)  # every kernel dequantises int8 / int4 caches itself
-  # the in-launch cache write is off until it has run and been timed on a GPU
-  if os.environ.get("DUOJAX_FUSED_WRITE", "0") != "1":
+  # decode writes the new token inside the attention launches (decode.decode_write): 0.2-0.8
+  # ms a token faster on an H100 when the cache holds more than the context
+  # (infer/results/h100-2026-12-08/); DUOJAX_FUSED_WRITE=0 keeps XLA's write, for comparison
+  if os.environ.get("DUOJAX_FUSED_WRITE", "1") == "0":
     ops.pop("full_decode_write")
     ops.pop("duo_decode_write")
   from duojax.kernels.gpu import dense  # cuDNN, no triton: always importable with JAX
