@@ -70,16 +70,17 @@ def plan(kind: str, bits, cfg: dict | None):
                KN=_code_type(kb), KNS=side, KNZ=side, VN=_code_type(vb), VNS=side, VNZ=side)
   elif kind == "combine_write":
     # decode_write's combine for a duo layer: merges the splits, writes the token in place
-    def parts(n, x):  # (shape, dtype) of one buffer's codes[, scale, zero] over n tokens
-      codes = ((b, n, h, d // 2 if x == 4 else d), {0: "bfloat16", 8: "int8", 4: "uint8"}[x])
-      return [codes] + ([((b, n, h), "float32")] * 2 if kb else [])
+    def parts(n, x):  # (shape, dtype, triton type) of a buffer's codes[, scale, zero]
+      codes = ((b, n, h, d // 2 if x == 4 else d), {0: bf, 8: jnp.int8, 4: jnp.uint8}[x],
+               _code_type(x))
+      return [codes] + ([((b, n, h, 1), jnp.float32, "*fp32")] * 2 if kb else [])
     new = parts(1, kb) + parts(1, vb)
     bufs = parts(s, kb) + parts(s, vb) + parts(w, kb) + parts(w, vb)
     ns = kd.n_splits(b, h, s, kd.decode_config(bits))
-    launch = kd.combine_write_plan((b, 1, 2 * h, g, d), bf, h, ns, bufs, 64, 256, bits)
-    ty = {"bfloat16": "*bf16", "int8": "*i8", "uint8": "*u8", "float32": "*fp32"}
-    types = (["*fp32"] * 3 + ["*i32"] * 2 + [ty[t] for _, t in new + bufs] + ["*bf16"]
-             + [ty[t] for _, t in bufs])
+    launch = kd.combine_write_plan((b, 1, 2 * h, g, d), bf, h, ns,
+                                   [(shape, dt) for shape, dt, _ in bufs], 64, 256, bits)
+    types = (["*fp32"] * 3 + ["*i32"] * 2 + [t for *_, t in new + bufs] + ["*bf16"]
+             + [t for *_, t in bufs])
     ptr = dict(zip([n for n in launch.kernel.arg_names if n not in launch.consts], types))
   elif kind == "full_chunk":
     cfg = None if cfg is None else {**kp.FULL_CHUNK_CONFIG, **cfg}

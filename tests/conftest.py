@@ -12,10 +12,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # (2026-12-08; runs on that machine spread by ~8%). -O0 ran the suite in 821 s but
 # changes the numerics: SmolLM2's logits moved to 1.07e-4 from HF's, over the 1e-4 parity
 # bound (8.9e-5 at -O1), and a packed-vs-unpacked check failed. Subprocess tests inherit
-# the flag (tests/helpers.py appends to XLA_FLAGS). A GPU machine keeps the default, so
-# the GPU tests compile their kernels as users get them.
+# the flag (tests/helpers.py appends to XLA_FLAGS). A GPU or TPU machine keeps the
+# default, so its tests compile their kernels as users get them.
 _FLAGS = os.environ.get("XLA_FLAGS", "")
-if not os.path.exists("/dev/nvidiactl") and "xla_backend_optimization_level" not in _FLAGS:
+_ACCELERATOR = any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/accel0", "/dev/vfio"))
+if not _ACCELERATOR and "xla_backend_optimization_level" not in _FLAGS:
   os.environ["XLA_FLAGS"] = (_FLAGS + " --xla_backend_optimization_level=1").strip()
 
 import jax  # noqa: E402
